@@ -1,0 +1,36 @@
+"""Runtime settings, read from the environment (prefix ``FEATURESTREAM_``) at the edge only.
+
+Library classes never read the environment; the CLI and the pipeline entry points build a
+:class:`Settings` and pass it down.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class Settings(BaseSettings):
+    """Where the backing services are. ``None`` means: start (or reuse) an embedded one."""
+
+    model_config = SettingsConfigDict(env_prefix="FEATURESTREAM_", extra="forbid", frozen=True)
+
+    kafka_bootstrap_servers: str | None = Field(
+        default=None, description="host:port[,host:port]; unset starts the embedded broker"
+    )
+    redis_url: str | None = Field(
+        default=None, description="redis://host:port/db; unset starts an embedded redis-server"
+    )
+    delta_uri: str | None = Field(
+        default=None, description="Delta Lake root (local dir or s3://, gs://, az:// URI)"
+    )
+    delta_storage_options: dict[str, str] = Field(default_factory=dict)
+    state_dir: Path = Field(
+        default=Path(".featurestream"), description="embedded services' data and pid files"
+    )
+    redis_prefix: str = Field(default="fs", description="prefix of every online-store key")
+
+    def resolved_delta_uri(self) -> str:
+        return self.delta_uri or str((self.state_dir / "delta").resolve())
