@@ -1,0 +1,419 @@
+"""Declarative feature definitions.
+
+Definitions are frozen pydantic models. An invalid one fails when it is built, with a
+:class:`~engine.errors.DefinitionError` that names the field and the fix. A feature view's
+``version`` hashes only what changes computed values, so editing a description, owner or tags
+keeps the version (and its online keys, offline table and state) unchanged.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from datetime import timedelta
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, ValidationError, field_validator, model_validator
+
+from engine.errors import DefinitionError
+
+__all__ = ["Aggregation", "Entity", "EventSource", "FeatureView", "Field", "Window", "parse_duration"]
+
+_NAME = re.compile(r"^[a-z][a-z0-9_]{0,62}$")
+_FIELD = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,127}$")
+_DURATION = re.compile(r"^\s*(\d+)\s*(ms|s|m|h|d|w)\s*$")
+_UNITS = {"ms": 1, "s": 1000, "m": 60_000, "h": 3_600_000, "d": 86_400_000, "w": 604_800_000}
+NUMERIC = frozenset({"int", "float", "bool"})
+MAX_TILES_PER_WINDOW = 10_000
+FUNCTIONS = ("count", "sum", "mean", "min", "max", "last", "stddev")
+
+
+def parse_duration(value: Any) -> timedelta:
+    """Accept a timedelta, seconds as a number, or a string such as ``"90s"``, ``"10m"``, ``"1d"``."""
+    if isinstance(value, timedelta):
+        return value
+    if isinstance(value, int | float) and not isinstance(value, bool):
+        return timedelta(seconds=value)
+    if isinstance(value, str):
+        m = _DURATION.match(value)
+        if m:
+            return timedelta(milliseconds=int(m.group(1)) * _UNITS[m.group(2)])
+    raise ValueError(
+        f"cannot read {value!r} as a duration; use a timedelta or a string like '30s', '10m', '1h', '1d'"
+    )
+
+
+def duration_ms(td: timedelta) -> int:
+    return int(round(td.total_seconds() * 1000))
+
+
+def format_duration(td: timedelta) -> str:
+    ms = duration_ms(td)
+    for unit in ("w", "d", "h", "m", "s"):
+        if ms % _UNITS[unit] == 0:
+            return f"{ms // _UNITS[unit]}{unit}"
+    return f"{ms}ms"
+
+
+class _Definition(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    def __init__(self, **data: Any) -> None:
+        try:
+            super().__init__(**data)
+        except ValidationError as exc:
+            raise DefinitionError(_explain(type(self).__name__, data, exc)) from None
+
+
+def _explain(kind: str, data: dict[str, Any], exc: ValidationError) -> str:
+    name = data.get("name")
+    head = f"{kind} {name!r}" if isinstance(name, str) else kind
+    lines = []
+    for err in exc.errors():
+        loc = ".".join(str(p) for p in err["loc"]) or "(definition)"
+        msg = err["msg"].removeprefix("Value error, ")
+        if err["type"] == "missing":
+            msg = "is required; add it"
+        elif err["type"] == "extra_forbidden":
+            msg = f"is not a field of {kind}; remove it or check its spelling"
+        lines.append(f"  {loc}: {msg}")
+    return f"invalid {head}:\n" + "\n".join(lines)
+
+
+class Field(_Definition):
+    """A typed field of an event."""
+
+    name: str
+    dtype: Literal["int", "float", "str", "bool"]
+    nullable: bool = False
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, v: str) -> str:
+        if not _FIELD.match(v):
+            raise ValueError(f"{v!r} is not a valid field name; use letters, digits and '_'")
+        return v
+
+
+class Entity(_Definition):
+    """What features describe (a user, a card); its join keys identify one instance."""
+
+    name: str
+    join_keys: tuple[str, ...]
+    description: str = ""
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, v: str) -> str:
+        return _check_name(v)
+
+    @field_validator("join_keys")
+    @classmethod
+    def _keys(cls, v: tuple[str, ...]) -> tuple[str, ...]:
+        if not v:
+            raise ValueError("needs at least one join key, e.g. join_keys=('user_id',)")
+        if len(set(v)) != len(v):
+            raise ValueError("join keys repeat; list each once")
+        return v
+
+
+class EventSource(_Definition):
+    """A Kafka topic of JSON events with a declared schema.
+
+    Events that fail the schema go to ``dead_letter_topic`` with the reason.
+    """
+
+    name: str
+    topic: str
+    timestamp_field: str
+    timestamp_format: Literal["epoch_millis", "epoch_seconds", "iso8601"] = "epoch_millis"
+    fields: tuple[Field, ...]
+    format: Literal["json"] = "json"
+    dead_letter_topic: str | None = None
+    description: str = ""
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, v: str) -> str:
+        return _check_name(v)
+
+    @field_validator("topic")
+    @classmethod
+    def _topic(cls, v: str) -> str:
+        if not re.match(r"^[A-Za-z0-9._-]{1,249}$", v):
+            raise ValueError(f"{v!r} is not a valid Kafka topic name; use letters, digits, '.', '_', '-'")
+        return v
+
+    @model_validator(mode="after")
+    def _schema(self) -> EventSource:
+        names = [f.name for f in self.fields]
+        if not names:
+            raise ValueError("fields: declare at least one field")
+        dupes = sorted({n for n in names if names.count(n) > 1})
+        if dupes:
+            raise ValueError(f"fields: {dupes} declared more than once; declare each field once")
+        if self.timestamp_field in names:
+            raise ValueError(
+                f"timestamp_field {self.timestamp_field!r} is also in fields; remove it from fields "
+                "(its type comes from timestamp_format)"
+            )
+        return self
+
+    @property
+    def dlq_topic(self) -> str:
+        return self.dead_letter_topic or f"{self.topic}.dlq"
+
+    def field(self, name: str) -> Field | None:
+        return next((f for f in self.fields if f.name == name), None)
+
+
+class Window(_Definition):
+    """An event-time window.
+
+    ``sliding``: events in the tiles that start in ``(t - size, t]``, up to ``t``.
+    ``hopping``: the latest complete window ``[E - size, E)`` with ``E = floor(t / hop) * hop``.
+    ``tumbling``: hopping with ``hop == size``.
+    """
+
+    kind: Literal["sliding", "tumbling", "hopping"] = "sliding"
+    size: timedelta
+    hop: timedelta | None = None
+
+    @field_validator("size", "hop", mode="before")
+    @classmethod
+    def _dur(cls, v: Any) -> Any:
+        return None if v is None else parse_duration(v)
+
+    @model_validator(mode="after")
+    def _shape(self) -> Window:
+        if self.size <= timedelta(0):
+            raise ValueError("size must be positive")
+        if self.kind == "hopping":
+            if self.hop is None:
+                raise ValueError("a hopping window needs hop, e.g. Window.hopping('1h', hop='10m')")
+            if not timedelta(0) < self.hop <= self.size:
+                raise ValueError("hop must be positive and at most size")
+        elif self.hop is not None:
+            raise ValueError(f"hop applies to hopping windows only; remove it from the {self.kind} window")
+        return self
+
+    @classmethod
+    def sliding(cls, size: Any) -> Window:
+        return cls(kind="sliding", size=size)
+
+    @classmethod
+    def tumbling(cls, size: Any) -> Window:
+        return cls(kind="tumbling", size=size)
+
+    @classmethod
+    def hopping(cls, size: Any, hop: Any) -> Window:
+        return cls(kind="hopping", size=size, hop=hop)
+
+    @property
+    def hop_or_size(self) -> timedelta:
+        return self.hop if self.hop is not None else self.size
+
+    @property
+    def lookback(self) -> timedelta:
+        """How far back from a read time this window may reach."""
+        return self.size if self.kind == "sliding" else self.size + self.hop_or_size
+
+    @property
+    def label(self) -> str:
+        if self.kind == "sliding":
+            return format_duration(self.size)
+        if self.kind == "tumbling":
+            return f"{format_duration(self.size)}_tumbling"
+        return f"{format_duration(self.size)}_every_{format_duration(self.hop_or_size)}"
+
+
+class Aggregation(_Definition):
+    """One feature: ``function`` of ``column`` over ``window``. ``count`` without a column counts events."""
+
+    function: Literal["count", "sum", "mean", "min", "max", "last", "stddev"]
+    column: str | None = None
+    window: Window
+    name: str | None = None
+
+    @field_validator("window", mode="before")
+    @classmethod
+    def _window(cls, v: Any) -> Any:
+        if isinstance(v, Window | dict):
+            return v
+        return Window.sliding(v)
+
+    @model_validator(mode="after")
+    def _col(self) -> Aggregation:
+        if self.column is None and self.function != "count":
+            raise ValueError(f"{self.function} needs a column, e.g. column='amount'")
+        if self.name is not None:
+            _check_name(self.name)
+        return self
+
+    @property
+    def feature_name(self) -> str:
+        if self.name:
+            return self.name
+        col = self.column or "events"
+        return f"{col}_{self.function}_{self.window.label}"
+
+
+class FeatureView(_Definition):
+    """Windowed aggregations of one event source, per entity.
+
+    ``tile_size`` is the precision of every window boundary: the stream keeps one partial
+    aggregate per entity and tile, and reads combine the tiles a window covers.
+    """
+
+    name: str
+    entity: Entity
+    source: EventSource
+    aggregations: tuple[Aggregation, ...]
+    tile_size: timedelta = timedelta(minutes=1)
+    allowed_lateness: timedelta = timedelta(minutes=5)
+    ttl: timedelta | None = None
+    owner: str = ""
+    description: str = ""
+    tags: dict[str, str] = {}
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, v: str) -> str:
+        return _check_name(v)
+
+    @field_validator("tile_size", "allowed_lateness", "ttl", mode="before")
+    @classmethod
+    def _dur(cls, v: Any) -> Any:
+        return None if v is None else parse_duration(v)
+
+    @model_validator(mode="after")
+    def _consistent(self) -> FeatureView:
+        src = self.source
+        for key in self.entity.join_keys:
+            f = src.field(key)
+            if f is None:
+                raise ValueError(
+                    f"entity.join_keys: {key!r} is not a field of source {src.name!r}; "
+                    f"add Field(name={key!r}, dtype='str') to the source"
+                )
+            if f.dtype not in ("str", "int") or f.nullable:
+                raise ValueError(
+                    f"entity.join_keys: {key!r} must be a non-nullable str or int field"
+                )
+        tile = duration_ms(self.tile_size)
+        if tile < 1000 or tile % 1000:
+            raise ValueError("tile_size must be a whole number of seconds, at least 1s")
+        if self.allowed_lateness < timedelta(0):
+            raise ValueError("allowed_lateness must not be negative")
+        if not self.aggregations:
+            raise ValueError("aggregations: declare at least one Aggregation")
+        names = [a.feature_name for a in self.aggregations]
+        dupes = sorted({n for n in names if names.count(n) > 1})
+        if dupes:
+            raise ValueError(f"aggregations: feature names {dupes} repeat; give each a distinct name=")
+        for i, agg in enumerate(self.aggregations):
+            where = f"aggregations.{i} ({agg.feature_name})"
+            if agg.column is not None:
+                f = src.field(agg.column)
+                if f is None:
+                    raise ValueError(
+                        f"{where}: column {agg.column!r} is not a field of source {src.name!r}; "
+                        f"declare it in the source or fix the name"
+                    )
+                if agg.function != "count" and f.dtype not in NUMERIC:
+                    raise ValueError(
+                        f"{where}: {agg.function} needs a numeric column but {agg.column!r} is "
+                        f"{f.dtype}; use count, or aggregate a numeric field"
+                    )
+            w = agg.window
+            for label, td in (("size", w.size), ("hop", w.hop)):
+                if td is not None and duration_ms(td) % tile:
+                    raise ValueError(
+                        f"{where}: window {label} {format_duration(td)} is not a multiple of "
+                        f"tile_size {format_duration(self.tile_size)}; change the window or use a "
+                        f"tile_size that divides it"
+                    )
+            if duration_ms(w.size) // tile > MAX_TILES_PER_WINDOW:
+                raise ValueError(
+                    f"{where}: window {format_duration(w.size)} spans more than "
+                    f"{MAX_TILES_PER_WINDOW} tiles of {format_duration(self.tile_size)}; "
+                    f"use a coarser tile_size"
+                )
+        if self.ttl is not None and self.ttl < self.max_lookback:
+            raise ValueError(
+                f"ttl {format_duration(self.ttl)} is shorter than the longest window lookback "
+                f"{format_duration(self.max_lookback)}; raise ttl or leave it unset"
+            )
+        return self
+
+    @property
+    def max_lookback(self) -> timedelta:
+        return max(a.window.lookback for a in self.aggregations)
+
+    @property
+    def effective_ttl(self) -> timedelta:
+        """How long an idle entity's online state lives: ttl, else lookback plus one tile."""
+        return self.ttl or (self.max_lookback + self.tile_size)
+
+    @property
+    def columns(self) -> tuple[str, ...]:
+        """Aggregated columns, each once, in declaration order (the tile layout)."""
+        seen: dict[str, None] = {}
+        for a in self.aggregations:
+            if a.column is not None:
+                seen.setdefault(a.column, None)
+        return tuple(seen)
+
+    @property
+    def feature_names(self) -> tuple[str, ...]:
+        return tuple(a.feature_name for a in self.aggregations)
+
+    def aggregation(self, feature: str) -> Aggregation:
+        for a in self.aggregations:
+            if a.feature_name == feature:
+                return a
+        raise DefinitionError(
+            f"feature view {self.name!r} has no feature {feature!r}; it has {list(self.feature_names)}"
+        )
+
+    def canonical(self) -> dict[str, Any]:
+        """What determines computed values; the version hashes exactly this."""
+        return {
+            "name": self.name,
+            "entity": {"join_keys": list(self.entity.join_keys)},
+            "source": {
+                "topic": self.source.topic,
+                "format": self.source.format,
+                "timestamp_field": self.source.timestamp_field,
+                "timestamp_format": self.source.timestamp_format,
+                "fields": sorted(
+                    ([f.name, f.dtype, f.nullable] for f in self.source.fields), key=lambda x: x[0]
+                ),
+            },
+            "aggregations": [
+                {
+                    "name": a.feature_name,
+                    "function": a.function,
+                    "column": a.column,
+                    "window": [a.window.kind, duration_ms(a.window.size),
+                               duration_ms(a.window.hop) if a.window.hop else None],
+                }
+                for a in self.aggregations
+            ],
+            "tile_ms": duration_ms(self.tile_size),
+            "allowed_lateness_ms": duration_ms(self.allowed_lateness),
+        }
+
+    @property
+    def version(self) -> str:
+        blob = json.dumps(self.canonical(), sort_keys=True, separators=(",", ":"))
+        return hashlib.sha256(blob.encode()).hexdigest()[:12]
+
+
+def _check_name(v: str) -> str:
+    if not _NAME.match(v):
+        raise ValueError(
+            f"{v!r} is not a valid name; use lower-case letters, digits and '_', starting with a letter"
+        )
+    return v
