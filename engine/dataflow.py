@@ -1,0 +1,166 @@
+"""Compile feature views into one Bytewax dataflow, and run it.
+
+Per view::
+
+    Kafka partitions ─► decode + validate + late check ─┬─► dead letters ─► <topic>.dlq
+                                                       ├─► accepted rows ─► Delta (micro-batched)
+                                                       └─► shard by entity ─► tiles ─► Redis
+
+Entities are spread over a fixed number of shards by a stable hash (CRC-32, never ``hash()``),
+so any worker count or process count works with the same state layout.
+"""
+
+from __future__ import annotations
+
+import copy
+import zlib
+from dataclasses import dataclass
+from typing import Any
+
+import bytewax.operators as op
+import numpy as np
+import pyarrow as pa
+from bytewax.dataflow import Dataflow
+from bytewax.operators import StatefulBatchLogic
+from pydantic import BaseModel, ConfigDict
+
+from connectors.delta_store import DeltaOfflineStore
+from engine.definitions import FeatureView, duration_ms
+from engine.flow_io import DeadLetterSink, DecodingKafkaSource, OfflineSink, OnlineSink, SourceBatch
+from engine.state import TileState, TileUpdate
+from engine.tiles import TileLayout
+
+__all__ = ["RuntimeConfig", "build_dataflow", "run_dataflow"]
+
+
+class RuntimeConfig(BaseModel):
+    """Where a dataflow reads and writes, and how it batches. Built at the edge, passed down."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    kafka_bootstrap_servers: str
+    redis_url: str
+    delta_uri: str
+    delta_storage_options: dict[str, str] = {}
+    redis_prefix: str = "fs"
+    batch_size: int = 20_000
+    poll_timeout_seconds: float = 0.05
+    shards: int = 32
+    stop_at_end: bool = False
+    offline_flush_rows: int = 500_000
+    offline_flush_seconds: float = 5.0
+    consumer_config: dict[str, Any] = {}
+
+
+@dataclass
+class ShardEvents:
+    """The events of one batch that belong to one shard; ``keys[codes[i]]`` is event i's entity."""
+
+    keys: list[str]
+    codes: np.ndarray
+    ts: np.ndarray
+    columns: list[np.ndarray]
+
+
+def shard_of(entity: str, shards: int) -> int:
+    return zlib.crc32(entity.encode()) % shards
+
+
+def split_shards(batch: SourceBatch, shards: int) -> list[tuple[str, ShardEvents]]:
+    if not batch.entity:
+        return []
+    enc = pa.array(batch.entity, pa.string()).dictionary_encode()
+    uniq = enc.dictionary.to_pylist()
+    codes = enc.indices.to_numpy()
+    shard = np.fromiter((zlib.crc32(k.encode()) % shards for k in uniq), np.int64, len(uniq))[codes]
+    order = np.argsort(shard, kind="stable")
+    sorted_shards = shard[order]
+    cuts = np.flatnonzero(np.concatenate(([True], sorted_shards[1:] != sorted_shards[:-1])))
+    bounds = np.concatenate((cuts, [len(order)]))
+    out = []
+    for a, b in zip(bounds[:-1].tolist(), bounds[1:].tolist(), strict=True):
+        idx = order[a:b]
+        used, local = np.unique(codes[idx], return_inverse=True)
+        out.append(
+            (
+                f"s{int(sorted_shards[a])}",
+                ShardEvents(
+                    keys=[uniq[u] for u in used.tolist()],
+                    codes=local,
+                    ts=batch.ts[idx],
+                    columns=[c[idx] for c in batch.columns],
+                ),
+            )
+        )
+    return out
+
+
+class TileLogic(StatefulBatchLogic[ShardEvents, TileUpdate, TileState]):
+    """Keeps one shard's tiles; emits the tiles each batch changed."""
+
+    def __init__(self, state: TileState) -> None:
+        self.state = state
+
+    def on_batch(self, values: list[ShardEvents]) -> tuple[list[TileUpdate], bool]:
+        out = []
+        for ev in values:
+            update = self.state.apply(ev.keys, ev.codes, ev.ts, ev.columns)
+            if update.entities or update.deleted:
+                out.append(update)
+        return out, StatefulBatchLogic.RETAIN
+
+    def snapshot(self) -> TileState:
+        return copy.deepcopy(self.state)
+
+
+def build_dataflow(views: list[FeatureView], runtime: RuntimeConfig, name: str = "featurestream") -> Dataflow:
+    """One dataflow computing every view; each view reads its own source partitions."""
+    if not views:
+        raise ValueError("build_dataflow needs at least one FeatureView")
+    flow = Dataflow(name)
+    offline = DeltaOfflineStore(runtime.delta_uri, runtime.delta_storage_options)
+    for view in views:
+        layout = TileLayout.of(view)
+        retention = duration_ms(view.max_lookback) + duration_ms(view.allowed_lateness) + layout.tile_ms
+        v = view.name
+        batches = op.input(
+            f"{v}_source",
+            flow,
+            DecodingKafkaSource(
+                view,
+                runtime.kafka_bootstrap_servers,
+                batch_size=runtime.batch_size,
+                poll_timeout=runtime.poll_timeout_seconds,
+                stop_at_end=runtime.stop_at_end,
+                consumer_config=runtime.consumer_config,
+            ),
+        )
+        dead = op.flat_map(f"{v}_dead", batches, lambda b: b.dead)
+        op.output(f"{v}_dlq", dead, DeadLetterSink(runtime.kafka_bootstrap_servers, view.source.dlq_topic, v))
+        cols = view.columns
+        rows = op.filter_map(f"{v}_rows", batches, lambda b, cols=cols: b.rows(cols) if b.entity else None)
+        op.output(
+            f"{v}_offline",
+            rows,
+            OfflineSink(offline, view, runtime.offline_flush_rows, runtime.offline_flush_seconds),
+        )
+        shards = runtime.shards
+        keyed = op.flat_map(f"{v}_shard", batches, lambda b, n=shards: split_shards(b, n))
+
+        def builder(resume: TileState | None, layout: TileLayout = layout, retention: int = retention) -> TileLogic:
+            return TileLogic(resume if resume is not None else TileState(layout, retention))
+
+        tiles = op.stateful_batch(f"{v}_tiles", keyed, builder)
+        op.output(
+            f"{v}_online",
+            op.key_rm(f"{v}_unkey", tiles),
+            OnlineSink(runtime.redis_url, runtime.redis_prefix, view),
+        )
+    return flow
+
+
+def run_dataflow(flow: Dataflow, workers: int = 1) -> None:
+    """Run in this process with ``workers`` threads; returns when every source has ended."""
+    from bytewax._bytewax import cli_main
+
+    cli_main(flow, workers_per_process=workers)

