@@ -1,0 +1,122 @@
+"""Feature values from tiles: as of one time (online) and as of each row's time (offline).
+
+Both paths build tile partials with :func:`engine.tiles.partials_from_events` (the stream's code)
+and turn them into values with :func:`engine.tiles.combine` and :func:`engine.tiles.finalize`,
+which is why online and offline values agree.
+
+Online, the newest tile is taken whole, which is exact whenever the read time is at or after the
+entity's newest event (reads "as of now"). Offline, the newest tile holds only events up to each
+row's time, so a training row never sees a later event.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from engine.definitions import Aggregation, FeatureView, duration_ms
+from engine.errors import StoreError
+from engine.tiles import TILE, TileLayout, combine, event_time, finalize, partials_from_events, window_tile_range
+
+__all__ = ["FeatureValues", "online_values", "point_in_time_values"]
+
+FeatureValues = dict[str, tuple[np.ndarray, np.ndarray]]
+"""feature name -> (values, event times in ms); NaN marks a null."""
+
+_MAX_PAIRS = 4_000_000
+
+
+def _by_window(aggs: list[Aggregation]) -> dict[tuple, list[Aggregation]]:
+    groups: dict[tuple, list[Aggregation]] = {}
+    for a in aggs:
+        w = a.window
+        groups.setdefault((w.kind, w.size, w.hop), []).append(a)
+    return groups
+
+
+def online_values(view: FeatureView, blobs: list[bytes], at_ms: int, aggs: list[Aggregation]) -> FeatureValues:
+    """Values for each entity whose packed tiles are ``blobs[i]``, as of ``at_ms``."""
+    layout = TileLayout.of(view)
+    n = len(blobs)
+    counts = np.fromiter((len(b) // layout.row_bytes for b in blobs), np.int64, n)
+    if counts.sum():
+        rows = np.frombuffer(b"".join(blobs), dtype="<f8").reshape(-1, layout.width)
+    else:
+        rows = layout.empty(0)
+    gid = np.repeat(np.arange(n), counts)
+    out: FeatureValues = {}
+    t = np.array([at_ms], dtype=np.int64)
+    for group in _by_window(aggs).values():
+        lo, hi, _ = window_tile_range(group[0], layout.tile_ms, t)
+        mask = (rows[:, TILE] >= lo[0]) & (rows[:, TILE] <= hi[0])
+        partial = combine(layout, rows[mask], gid[mask], n)
+        for a in group:
+            out[a.feature_name] = (finalize(layout, partial, a), event_time(layout, partial, a))
+    return out
+
+
+def point_in_time_values(
+    view: FeatureView,
+    events: pa.Table,
+    entity: list[str],
+    at_ms: np.ndarray,
+    aggs: list[Aggregation],
+) -> FeatureValues:
+    """Values for each (``entity[i]``, ``at_ms[i]``) from stored events, using only events up to it."""
+    layout = TileLayout.of(view)
+    q = len(entity)
+    events = events.sort_by([("entity", "ascending"), ("event_ts", "ascending"),
+                             ("_partition", "ascending"), ("_offset", "ascending")])
+    ev_entity = events.column("entity").combine_chunks()
+    uniq = pc.unique(ev_entity)
+    ecode = pc.index_in(ev_entity, value_set=uniq).to_numpy(zero_copy_only=False).astype(np.int64)
+    qcode = pc.index_in(pa.array(entity, pa.string()), value_set=uniq)
+    qcode = qcode.fill_null(-1).to_numpy(zero_copy_only=False).astype(np.int64)
+    ts = pc.cast(events.column("event_ts"), pa.timestamp("ms", "UTC")).cast(pa.int64()).to_numpy()
+    cols = [events.column(c).to_numpy() for c in layout.columns]
+    tmin = int(min(ts.min() if len(ts) else 0, at_ms.min() if q else 0)) - 2 * duration_ms(view.max_lookback)
+    span = int(max(ts.max() if len(ts) else 0, at_ms.max() if q else 0)) - tmin + 2
+    if (len(uniq) + 1) * span >= 2**62:
+        raise StoreError("training set spans too many entities and too long a time at once; split entity_df by time")
+    key = ecode * span + (ts - tmin)
+    out: FeatureValues = {}
+    for group in _by_window(aggs).values():
+        lo, hi, partial_head = window_tile_range(group[0], layout.tile_ms, at_ms)
+        start = lo * layout.tile_ms
+        end = at_ms if partial_head else (hi + 1) * layout.tile_ms - 1
+        a = np.searchsorted(key, qcode * span + (start - tmin), side="left")
+        b = np.searchsorted(key, qcode * span + (end - tmin), side="right")
+        lengths = np.where(qcode >= 0, np.maximum(b - a, 0), 0)
+        partial = layout.empty(q)
+        for chunk in _chunks(lengths):
+            partial[chunk] = _combine_ranges(layout, a[chunk], lengths[chunk], ts, cols)
+        for agg in group:
+            out[agg.feature_name] = (finalize(layout, partial, agg), event_time(layout, partial, agg))
+    return out
+
+
+def _chunks(lengths: np.ndarray) -> list[slice]:
+    out, start, total = [], 0, 0
+    for i, n in enumerate(lengths.tolist()):
+        if total and total + n > _MAX_PAIRS:
+            out.append(slice(start, i))
+            start, total = i, 0
+        total += n
+    out.append(slice(start, len(lengths)))
+    return out
+
+
+def _combine_ranges(
+    layout: TileLayout, first: np.ndarray, lengths: np.ndarray, ts: np.ndarray, cols: list[np.ndarray]
+) -> np.ndarray:
+    """Tile partials of each query's event range, combined per query."""
+    q = len(first)
+    total = int(lengths.sum())
+    if total == 0:
+        return layout.empty(q)
+    qid = np.repeat(np.arange(q, dtype=np.int64), lengths)
+    ev = np.arange(total) - np.repeat(np.cumsum(lengths) - lengths, lengths) + np.repeat(first, lengths)
+    tile_no = ts[ev] // layout.tile_ms
+    keys, rows = partials_from_events(layout, (qid << 32) | tile_no, tile_no, ts[ev], [c[ev] for c in cols])
+    return combine(layout, rows, keys >> 32, q)
