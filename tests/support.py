@@ -1,0 +1,72 @@
+"""Helpers shared by tests: producing events, reading topics, running views to completion."""
+
+from __future__ import annotations
+
+import json
+import uuid
+from collections.abc import Iterable
+from typing import Any
+
+from confluent_kafka import OFFSET_BEGINNING, Consumer, Producer, TopicPartition
+
+from connectors.kafka import ensure_topic, partition_count
+from engine.dataflow import RuntimeConfig, build_dataflow, run_dataflow
+from engine.definitions import FeatureView
+
+
+def unique(prefix: str) -> str:
+    return f"{prefix}-{uuid.uuid4().hex[:10]}"
+
+
+def create_topic(bootstrap: str, topic: str, partitions: int = 1) -> str:
+    ensure_topic(bootstrap, topic, partitions)
+    ensure_topic(bootstrap, f"{topic}.dlq", 1)
+    return topic
+
+
+def produce(bootstrap: str, topic: str, events: Iterable[Any], key_field: str | None = None) -> int:
+    """Publish events in order; dicts are JSON-encoded, bytes are sent as they are.
+
+    With ``key_field``, dict events are keyed (and so partitioned) by that field.
+    """
+    p = Producer({"bootstrap.servers": bootstrap, "linger.ms": 5, "acks": "all"})
+    n = 0
+    for e in events:
+        if isinstance(e, bytes | bytearray):
+            p.produce(topic, value=bytes(e))
+        else:
+            key = str(e[key_field]).encode() if key_field and key_field in e else None
+            p.produce(topic, key=key, value=json.dumps(e).encode())
+        n += 1
+        if n % 10_000 == 0:
+            p.poll(0)
+    assert p.flush(30) == 0, "broker did not acknowledge every test event"
+    return n
+
+
+def read_topic(bootstrap: str, topic: str) -> list[Any]:
+    """Every message currently in ``topic`` (all partitions), as confluent_kafka Messages."""
+    c = Consumer({"bootstrap.servers": bootstrap, "group.id": unique("t"), "enable.auto.commit": False})
+    parts = partition_count(bootstrap, topic)
+    out = []
+    for p in range(parts):
+        low, high = c.get_watermark_offsets(TopicPartition(topic, p), timeout=10)
+        if high <= low:
+            continue
+        c.assign([TopicPartition(topic, p, OFFSET_BEGINNING)])
+        while True:
+            msgs = c.consume(1000, 2.0)
+            out.extend(m for m in msgs if m.error() is None)
+            if not msgs or msgs[-1].offset() >= high - 1:
+                break
+    c.close()
+    return out
+
+
+def headers(msg: Any) -> dict[str, str]:
+    return {k: v.decode() for k, v in (msg.headers() or [])}
+
+
+def run_views(views: list[FeatureView], runtime: RuntimeConfig, workers: int = 1) -> None:
+    """Run the views' dataflow over everything currently in their topics, then return."""
+    run_dataflow(build_dataflow(views, runtime.model_copy(update={"stop_at_end": True})), workers=workers)
