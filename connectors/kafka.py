@@ -117,7 +117,10 @@ class PartitionReader:
         }
         self._consumer = Consumer(conf)
         low, high = self._consumer.get_watermark_offsets(_TP(topic, partition), timeout=10)
+        # Some brokers (Tansu) answer ListOffsets with the last batch's base offset + 1; the
+        # high watermark of the first fetch response is exact, so the end is refined from it.
         self.end_offset: int | None = high if stop_at_end else None
+        self._refined = False
         start = OFFSET_BEGINNING if start_offset is None else start_offset
         self.position = low if start_offset is None else start_offset
         self._consumer.assign([_TP(topic, partition, start)])
@@ -144,12 +147,18 @@ class PartitionReader:
             return None
         batch = RawBatch(self.topic, self.partition, values, keys, np.asarray(offsets, np.int64))
         self.position = batch.next_offset
+        if self.end_offset is not None and not self._refined:
+            self._refined = True
+            _, fetched_high = self._consumer.get_watermark_offsets(
+                _TP(self.topic, self.partition), cached=True
+            )
+            self.end_offset = max(self.end_offset, fetched_high)
         return batch
 
     def lag(self) -> int:
         """Messages between the read position and the partition's current end."""
-        _, high = self._consumer.get_watermark_offsets(_TP(self.topic, self.partition), timeout=5)
-        return max(0, high - self.position)
+        _, high = self._consumer.get_watermark_offsets(_TP(self.topic, self.partition), cached=True)
+        return max(0, high - self.position) if high >= 0 else 0
 
     def close(self) -> None:
         self._consumer.close()

@@ -24,6 +24,7 @@ from connectors.kafka import DeadLetterProducer, PartitionReader, partition_coun
 from connectors.redis_store import RedisOnlineStore
 from engine.decode import DeadLetter, EventDecoder, Reason
 from engine.definitions import FeatureView, duration_ms, format_duration
+from engine.metrics import DEAD_LETTERS, EVENTS_ACCEPTED, EVENTS_IN, WATERMARK
 from engine.state import TileUpdate
 from engine.tiles import TileLayout
 
@@ -79,6 +80,10 @@ class _DecodingPartition(StatefulSourcePartition[SourceBatch, dict]):
         self.max_ts = max_ts
         self.batch_size = batch_size
         self.poll_timeout = poll_timeout
+        labels = {"view": view.name, "topic": reader.topic, "partition": str(reader.partition)}
+        self._in = EVENTS_IN.labels(**labels)
+        self._wm = WATERMARK.labels(**labels)
+        self._ok = EVENTS_ACCEPTED.labels(view=view.name)
 
     def next_batch(self) -> list[SourceBatch]:
         if self.reader.at_end:
@@ -118,6 +123,12 @@ class _DecodingPartition(StatefulSourcePartition[SourceBatch, dict]):
             entity = [e for e, k in zip(entity, keep.tolist(), strict=True) if k]
             columns = [c[keep] for c in columns]
         dead.sort(key=lambda d: d.offset)
+        self._in.inc(len(raw.values))
+        self._ok.inc(len(ts))
+        for letter in dead:
+            DEAD_LETTERS.labels(view=self.view.name, reason=letter.reason).inc()
+        if self.max_ts > _NO_TS:
+            self._wm.set((self.max_ts - self.lateness) / 1000)
         return [
             SourceBatch(
                 topic=raw.topic,

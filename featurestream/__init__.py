@@ -1,0 +1,26 @@
+"""featurestream: Kafka event streams to fresh, point-in-time correct ML features.
+
+Define features with :class:`FeatureView`; run them with ``featurestream run``; read them with
+:class:`FeatureStore` (online from Redis, training sets from Delta Lake).
+"""
+
+from engine.definitions import Aggregation, Entity, EventSource, FeatureView, Field, Window
+from engine.errors import DefinitionError, FeaturestreamError, ServiceUnavailable, StoreError
+from featurestream.client import FeatureStore, OnlineFeatures
+from featurestream.config import Settings
+
+__all__ = [
+    "Aggregation",
+    "DefinitionError",
+    "Entity",
+    "EventSource",
+    "FeatureStore",
+    "FeatureView",
+    "FeaturestreamError",
+    "Field",
+    "OnlineFeatures",
+    "ServiceUnavailable",
+    "Settings",
+    "StoreError",
+    "Window",
+]

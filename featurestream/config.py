@@ -31,6 +31,9 @@ class Settings(BaseSettings):
         default=Path(".featurestream"), description="embedded services' data and pid files"
     )
     redis_prefix: str = Field(default="fs", description="prefix of every online-store key")
+    bounded: bool = Field(
+        default=False, description="stop at each partition's end offset as of start (backfills)"
+    )
 
     def resolved_delta_uri(self) -> str:
         return self.delta_uri or str((self.state_dir / "delta").resolve())

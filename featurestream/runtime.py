@@ -1,0 +1,89 @@
+"""The edge between settings and the engine: resolve services, load pipelines, build flows."""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+from pathlib import Path
+
+from bytewax.dataflow import Dataflow
+
+from connectors.kafka import ensure_topic, partition_count
+from engine.dataflow import RuntimeConfig, build_dataflow
+from engine.definitions import FeatureView
+from engine.errors import DefinitionError, ServiceUnavailable
+from featurestream.client import FeatureStore
+from featurestream.config import Settings
+from featurestream.services import ensure_services
+
+__all__ = ["dataflow", "feature_store", "load_views", "prepare_topics", "runtime_config"]
+
+
+def load_views(path: str | Path) -> list[FeatureView]:
+    """Feature views defined in a pipeline file: its ``views`` list, else every FeatureView in it."""
+    path = Path(path).resolve()
+    if not path.is_file():
+        raise DefinitionError(f"pipeline file {path} does not exist")
+    name = f"_featurestream_pipeline_{path.stem}"
+    spec = importlib.util.spec_from_file_location(name, path)
+    if spec is None or spec.loader is None:
+        raise DefinitionError(f"cannot import {path} as Python")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    spec.loader.exec_module(module)
+    found = list(getattr(module, "views", None) or [])
+    if not found:
+        found = [v for v in vars(module).values() if isinstance(v, FeatureView)]
+    if not found:
+        raise DefinitionError(f"{path} defines no FeatureView; define one or a `views` list")
+    names = [v.name for v in found]
+    dupes = sorted({n for n in names if names.count(n) > 1})
+    if dupes:
+        raise DefinitionError(f"{path} defines feature views {dupes} more than once; names must be unique")
+    return found
+
+
+def runtime_config(settings: Settings | None = None, **overrides: object) -> RuntimeConfig:
+    """Runtime for this environment, starting embedded services where none are configured."""
+    settings = settings or Settings()
+    eps = ensure_services(settings)
+    values: dict[str, object] = {
+        "kafka_bootstrap_servers": eps.kafka_bootstrap_servers,
+        "redis_url": eps.redis_url,
+        "delta_uri": eps.delta_uri,
+        "delta_storage_options": settings.delta_storage_options,
+        "redis_prefix": settings.redis_prefix,
+        "stop_at_end": settings.bounded,
+    }
+    return RuntimeConfig(**{**values, **overrides})
+
+
+def prepare_topics(views: list[FeatureView], runtime: RuntimeConfig) -> None:
+    """Check every source topic exists and create the dead-letter topics."""
+    for view in views:
+        try:
+            partition_count(runtime.kafka_bootstrap_servers, view.source.topic)
+        except ServiceUnavailable as exc:
+            raise ServiceUnavailable(
+                f"{exc}. Create it, or publish to it first, e.g. `featurestream produce <pipeline file>`"
+            ) from None
+        ensure_topic(runtime.kafka_bootstrap_servers, view.source.dlq_topic, 1)
+
+
+def dataflow(*views: FeatureView, settings: Settings | None = None) -> Dataflow:
+    """A ready-to-run dataflow for ``views`` (what ``python -m bytewax.run file.py:flow`` runs)."""
+    runtime = runtime_config(settings)
+    prepare_topics(list(views), runtime)
+    return build_dataflow(list(views), runtime)
+
+
+def feature_store(*views: FeatureView, settings: Settings | None = None) -> FeatureStore:
+    settings = settings or Settings()
+    eps = ensure_services(settings)
+    return FeatureStore(
+        views,
+        redis_url=eps.redis_url,
+        delta_uri=eps.delta_uri,
+        redis_prefix=settings.redis_prefix,
+        delta_storage_options=settings.delta_storage_options,
+    )
