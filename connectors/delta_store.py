@@ -30,7 +30,7 @@ def event_schema(columns: tuple[str, ...]) -> pa.Schema:
             ("_topic", pa.string()),
             ("_partition", pa.int32()),
             ("_offset", pa.int64()),
-            ("date", pa.string()),
+            ("date", pa.date32()),
         ]
     )
 
@@ -112,9 +112,9 @@ class DeltaOfflineStore:
             return None
         filters = []
         if start is not None:
-            filters.append(("date", ">=", start.strftime("%Y-%m-%d")))
+            filters.append(("date", ">=", start.date().isoformat()))
         if end is not None:
-            filters.append(("date", "<=", end.strftime("%Y-%m-%d")))
+            filters.append(("date", "<=", end.date().isoformat()))
         data = table.to_pyarrow_table(filters=filters or None, columns=columns)
         mask = None
         if entities is not None:

@@ -12,6 +12,7 @@ import hashlib
 import json
 import re
 from datetime import timedelta
+from functools import cached_property
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, ValidationError, field_validator, model_validator
@@ -219,7 +220,7 @@ class Window(_Definition):
         """How far back from a read time this window may reach."""
         return self.size if self.kind == "sliding" else self.size + self.hop_or_size
 
-    @property
+    @cached_property
     def label(self) -> str:
         if self.kind == "sliding":
             return format_duration(self.size)
@@ -251,7 +252,7 @@ class Aggregation(_Definition):
             _check_name(self.name)
         return self
 
-    @property
+    @cached_property
     def feature_name(self) -> str:
         if self.name:
             return self.name
@@ -347,7 +348,7 @@ class FeatureView(_Definition):
             )
         return self
 
-    @property
+    @cached_property
     def max_lookback(self) -> timedelta:
         return max(a.window.lookback for a in self.aggregations)
 
@@ -356,7 +357,7 @@ class FeatureView(_Definition):
         """How long an idle entity's online state lives: ttl, else lookback plus one tile."""
         return self.ttl or (self.max_lookback + self.tile_size)
 
-    @property
+    @cached_property
     def columns(self) -> tuple[str, ...]:
         """Aggregated columns, each once, in declaration order (the tile layout)."""
         seen: dict[str, None] = {}
@@ -405,7 +406,7 @@ class FeatureView(_Definition):
             "allowed_lateness_ms": duration_ms(self.allowed_lateness),
         }
 
-    @property
+    @cached_property
     def version(self) -> str:
         blob = json.dumps(self.canonical(), sort_keys=True, separators=(",", ":"))
         return hashlib.sha256(blob.encode()).hexdigest()[:12]

@@ -15,7 +15,6 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.compute as pc
 from bytewax.inputs import FixedPartitionedSource, StatefulSourcePartition
 from bytewax.outputs import DynamicSink, StatelessSinkPartition
 
@@ -27,6 +26,7 @@ from engine.definitions import FeatureView, duration_ms, format_duration
 from engine.metrics import DEAD_LETTERS, EVENTS_ACCEPTED, EVENTS_IN, WATERMARK
 from engine.state import TileUpdate
 from engine.tiles import TileLayout
+from engine.writer import BackgroundWriter
 
 _NO_TS = -(2.0**62)
 
@@ -47,18 +47,16 @@ class SourceBatch:
 
     def rows(self, columns: tuple[str, ...]) -> pa.Table:
         """The accepted events as offline-store rows."""
-        ts = pa.array(self.ts, pa.timestamp("ms", tz="UTC"))
-        date = pc.strftime(ts, format="%Y-%m-%d")
         n = len(self.entity)
         return pa.Table.from_arrays(
             [
                 pa.array(self.entity, pa.string()),
-                ts,
+                pa.array(self.ts, pa.int64()).view(pa.timestamp("ms", tz="UTC")),
                 *[pa.array(c, pa.float64(), from_pandas=True) for c in self.columns],
-                pa.array([self.topic] * n, pa.string()) if n else pa.array([], pa.string()),
+                pa.array([self.topic] * n, pa.string()),
                 pa.array(np.full(n, self.partition, np.int32)),
                 pa.array(self.offsets),
-                date,
+                pa.array((self.ts // 86_400_000).astype(np.int32), pa.int32()).view(pa.date32()),
             ],
             schema=event_schema(columns),
         )
@@ -219,9 +217,11 @@ class DeadLetterSink(DynamicSink[DeadLetter]):
 
 class _OfflinePartition(StatelessSinkPartition[pa.Table]):
     def __init__(self, store: DeltaOfflineStore, view: FeatureView, rows: int, seconds: float) -> None:
-        self.store = store
-        self.uri = store.table_uri(view.name, view.version)
-        self.app = f"{view.name}:{view.version}"
+        uri = store.table_uri(view.name, view.version)
+        app = f"{view.name}:{view.version}"
+        self.writer: BackgroundWriter[pa.Table] = BackgroundWriter(
+            lambda tables: store.append(uri, pa.concat_tables(tables), app), depth=2, name="offline-writer"
+        )
         self.flush_rows = rows
         self.flush_seconds = seconds
         self.buffer: list[pa.Table] = []
@@ -236,15 +236,16 @@ class _OfflinePartition(StatelessSinkPartition[pa.Table]):
 
     def flush(self) -> None:
         if self.buffer:
-            self.store.append(self.uri, pa.concat_tables(self.buffer), self.app)
+            self.writer.submit([pa.concat_tables(self.buffer)])
         self.buffer, self.buffered, self.since = [], 0, time.monotonic()
 
     def close(self) -> None:
         self.flush()
+        self.writer.close()
 
 
 class OfflineSink(DynamicSink[pa.Table]):
-    """Accepted events to Delta, micro-batched by rows or seconds.
+    """Accepted events to Delta, micro-batched by rows or seconds, committed off the dataflow thread.
 
     Delivery: effectively-once (commits carry per-partition offsets; replays are filtered).
     """
@@ -259,20 +260,26 @@ class OfflineSink(DynamicSink[pa.Table]):
 class _OnlinePartition(StatelessSinkPartition[TileUpdate]):
     def __init__(self, url: str, prefix: str, view: FeatureView) -> None:
         self.store = RedisOnlineStore(url, prefix)
-        self.namespace = self.store.namespace(view.name, view.version)
-        self.ttl_ms = duration_ms(view.effective_ttl)
-        self.row_bytes = TileLayout.of(view).row_bytes
+        namespace = self.store.namespace(view.name, view.version)
+        ttl_ms = duration_ms(view.effective_ttl)
+        row_bytes = TileLayout.of(view).row_bytes
+        self.writer: BackgroundWriter[TileUpdate] = BackgroundWriter(
+            lambda updates: self.store.write(namespace, updates, ttl_ms, row_bytes), depth=4, name="online-writer"
+        )
 
     def write_batch(self, items: list[TileUpdate]) -> None:
-        for update in items:
-            self.store.write(self.namespace, update, self.ttl_ms, self.row_bytes)
+        self.writer.submit(items)
 
     def close(self) -> None:
+        self.writer.close()
         self.store.client.close()
 
 
 class OnlineSink(DynamicSink[TileUpdate]):
-    """Changed tiles to Redis. Delivery: effectively-once per entity (compare-and-set)."""
+    """Changed tiles to Redis, written off the dataflow thread in submission order.
+
+    Delivery: effectively-once per entity (compare-and-set on the entity's event count).
+    """
 
     def __init__(self, url: str, prefix: str, view: FeatureView) -> None:
         self.args = (url, prefix, view)

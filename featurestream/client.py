@@ -27,7 +27,12 @@ class OnlineFeatures:
 
     entities: list[dict[str, Any]]
     values: dict[str, list[Any]]
-    event_times: dict[str, list[datetime | None]]
+    _times_ms: dict[str, np.ndarray]
+
+    @property
+    def event_times(self) -> dict[str, list[datetime | None]]:
+        """Per feature, the event time of the newest event in each value's window (None if empty)."""
+        return {f: _py_times(ts) for f, ts in self._times_ms.items()}
 
     def to_dict(self) -> dict[str, list[Any]]:
         """Columns: join keys, then one per feature (Feast's shape)."""
@@ -57,10 +62,17 @@ class FeatureStore:
     ) -> None:
         self.views = {v.name: v for v in views}
         self.online = RedisOnlineStore(redis_url, redis_prefix)
+        self._resolved: dict[tuple[str, ...], dict[str, list[Aggregation]]] = {}
         self.offline = DeltaOfflineStore(delta_uri, delta_storage_options)
 
     def _resolve(self, features: Sequence[str]) -> dict[str, list[Aggregation]]:
         """``["view:feature", "view"]`` -> aggregations per view (a bare view means all its features)."""
+        key = tuple(features)
+        if key not in self._resolved:
+            self._resolved[key] = self._resolve_uncached(features)
+        return self._resolved[key]
+
+    def _resolve_uncached(self, features: Sequence[str]) -> dict[str, list[Aggregation]]:
         out: dict[str, list[Aggregation]] = {}
         for ref in features:
             view_name, _, feat = ref.partition(":")
@@ -71,7 +83,7 @@ class FeatureStore:
                 )
             aggs = out.setdefault(view_name, [])
             for agg in view.aggregations if not feat else [view.aggregation(feat)]:
-                if agg not in aggs:
+                if all(a is not agg for a in aggs):
                     aggs.append(agg)
         return out
 
@@ -113,16 +125,17 @@ class FeatureStore:
         views = [self.views[v] for v in wanted]
         rows = self._entity_rows(entity_keys, views)
         values: dict[str, list[Any]] = {}
-        times: dict[str, list[datetime | None]] = {}
+        times: dict[str, np.ndarray] = {}
         for view in views:
             aggs = wanted[view.name]
             ns = self.online.namespace(view.name, view.version)
             blobs = self.online.read_tiles(ns, self._entity_ids(view, rows), TileLayout.of(view).row_bytes)
-            for name, (vals, ts) in online_values(view, blobs, at_ms, aggs).items():
-                agg = view.aggregation(name)
-                values[f"{view.name}:{name}"] = _py_values(vals, agg)
-                times[f"{view.name}:{name}"] = _py_times(ts)
-        return OnlineFeatures(entities=rows, values=values, event_times=times)
+            results = online_values(view, blobs, at_ms, aggs)
+            for agg in aggs:
+                vals, ts = results[agg.feature_name]
+                values[f"{view.name}:{agg.feature_name}"] = _py_values(vals, agg)
+                times[f"{view.name}:{agg.feature_name}"] = ts
+        return OnlineFeatures(entities=rows, values=values, _times_ms=times)
 
     def get_training_set(
         self,
@@ -175,8 +188,10 @@ def _is_count(agg: Aggregation) -> bool:
 
 def _py_values(vals: np.ndarray, agg: Aggregation) -> list[Any]:
     if _is_count(agg):
-        return [int(v) for v in vals.tolist()]
-    return [None if np.isnan(v) else v for v in vals.tolist()]
+        return vals.astype(np.int64).tolist()
+    if not np.isnan(vals).any():
+        return vals.tolist()
+    return [None if v != v else v for v in vals.tolist()]
 
 
 def _py_times(ts: np.ndarray) -> list[datetime | None]:
