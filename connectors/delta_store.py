@@ -112,9 +112,9 @@ class DeltaOfflineStore:
             return None
         filters = []
         if start is not None:
-            filters.append(("date", ">=", start.date().isoformat()))
+            filters.append(("date", ">=", start.date()))
         if end is not None:
-            filters.append(("date", "<=", end.date().isoformat()))
+            filters.append(("date", "<=", end.date()))
         data = table.to_pyarrow_table(filters=filters or None, columns=columns)
         mask = None
         if entities is not None:

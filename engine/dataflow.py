@@ -105,7 +105,7 @@ class TileLogic(StatefulBatchLogic[ShardEvents, TileUpdate, TileState]):
         out = []
         for ev in values:
             update = self.state.apply(ev.keys, ev.codes, ev.ts, ev.columns)
-            if update.entities or update.deleted:
+            if update.entities:
                 out.append(update)
         return out, StatefulBatchLogic.RETAIN
 

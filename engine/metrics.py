@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from prometheus_client import Counter, Gauge
 
-__all__ = ["DEAD_LETTERS", "EVENTS_IN", "EVENTS_ACCEPTED", "WATERMARK", "total"]
+__all__ = ["DEAD_LETTERS", "EVENTS_ACCEPTED", "EVENTS_IN", "WATERMARK", "total"]
 
 EVENTS_IN = Counter(
     "featurestream_events_in", "Messages read from a source topic", ["view", "topic", "partition"]

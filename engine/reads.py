@@ -17,7 +17,15 @@ import pyarrow.compute as pc
 
 from engine.definitions import Aggregation, FeatureView, duration_ms
 from engine.errors import StoreError
-from engine.tiles import TILE, TileLayout, combine, event_time, finalize, partials_from_events, window_tile_range
+from engine.tiles import (
+    TILE,
+    TileLayout,
+    combine,
+    event_time,
+    finalize,
+    partials_from_events,
+    window_tile_range,
+)
 
 __all__ = ["FeatureValues", "online_values", "point_in_time_values"]
 
@@ -40,11 +48,7 @@ def online_values(view: FeatureView, blobs: list[bytes], at_ms: int, aggs: list[
     layout = TileLayout.of(view)
     n = len(blobs)
     counts = np.fromiter((len(b) // layout.row_bytes for b in blobs), np.int64, n)
-    if counts.sum():
-        rows = np.frombuffer(b"".join(blobs), dtype="<f8").reshape(-1, layout.width)
-    else:
-        rows = layout.empty(0)
-    gid = np.repeat(np.arange(n), counts)
+    rows, gid = _current_tiles(layout, blobs, counts)
     out: FeatureValues = {}
     t = np.array([at_ms], dtype=np.int64)
     for group in _by_window(aggs).values():
@@ -54,6 +58,22 @@ def online_values(view: FeatureView, blobs: list[bytes], at_ms: int, aggs: list[
         for a in group:
             out[a.feature_name] = (finalize(layout, partial, a), event_time(layout, partial, a))
     return out
+
+
+def _current_tiles(layout: TileLayout, blobs: list[bytes], counts: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The newest row of each (entity, tile) in the entities' row logs, and each row's entity."""
+    if not counts.sum():
+        return layout.empty(0), np.zeros(0, dtype=np.int64)
+    rows = np.frombuffer(b"".join(blobs), dtype="<f8").reshape(-1, layout.width)
+    gid = np.repeat(np.arange(len(blobs), dtype=np.int64), counts)
+    tile = rows[:, TILE].astype(np.int64)
+    key = (gid << 32) | (tile & 0xFFFFFFFF)
+    order = np.argsort(key, kind="stable")
+    k = key[order]
+    last = np.concatenate((k[1:] != k[:-1], [True]))
+    pick = order[last]
+    pick = pick[tile[pick] >= 0]  # drop the guard rows
+    return rows[pick], gid[pick]
 
 
 def point_in_time_values(

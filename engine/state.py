@@ -2,6 +2,11 @@
 
 Python touches each batch once per distinct (entity, tile), never per event: partials come from
 numpy in :func:`engine.tiles.partials_from_events` and merge into contiguous arrays.
+
+The online store keeps, per entity, an append-only log of tile rows (the newest version of a
+tile wins). The state knows how long each entity's log is, and asks for a full rewrite (only the
+live tiles) once the log outgrows twice the live tiles, which bounds the log and drops evicted
+tiles without ever deleting them one by one.
 """
 
 from __future__ import annotations
@@ -14,32 +19,35 @@ from engine.tiles import TILE, TileLayout, merge, partials_from_events
 
 __all__ = ["TileState", "TileUpdate"]
 
+_LOG_SLACK = 16
+
 
 @dataclass(frozen=True)
 class TileUpdate:
-    """Tiles one batch changed, grouped by entity, ready for the online store.
+    """Tile rows one batch produced for the online store, grouped by entity.
 
-    ``rows`` holds the changed tile rows of ``entities[i]`` at ``rows[starts[i]:starts[i+1]]``;
-    ``ops[i]`` counts every event ever applied to that entity, so a store can refuse a write
-    older than what it holds (replays after recovery never move a value back).
+    ``rows[starts[i]:starts[i+1]]`` are the rows of ``entities[i]``: appended to its log, or,
+    where ``rewrite[i]``, replacing it (then they are all its live tiles). ``ops[i]`` counts every
+    event ever applied to the entity, so a store can refuse a write older than what it holds
+    (replays after a restart never move a value back).
     """
 
     entities: list[str]
     ops: np.ndarray
     rows: np.ndarray
     starts: np.ndarray
-    deleted: dict[str, list[float]]
+    rewrite: np.ndarray
     max_ts: float
 
     def __len__(self) -> int:
-        return len(self.rows)
+        return len(self.entities)
 
 
 class TileState:
-    """Tiles of every entity of one shard, plus each entity's applied-event count.
+    """Tiles of every entity of one shard, with per-entity event counts and log lengths.
 
-    Tiles older than ``retention_ms`` behind the newest event time seen are evicted (and reported
-    as deleted), with slack so eviction runs once per several tiles rather than every batch.
+    Tiles older than ``retention_ms`` behind the newest event time seen are evicted, with slack
+    so eviction runs once per several tiles of event time rather than every batch.
     """
 
     def __init__(self, layout: TileLayout, retention_ms: int) -> None:
@@ -49,6 +57,9 @@ class TileState:
         self.entities: list[str] = []
         self.entity_index: dict[str, int] = {}
         self.ops = np.zeros(64, dtype=np.int64)
+        self.live = np.zeros(64, dtype=np.int64)
+        self.logged = np.zeros(64, dtype=np.int64)
+        self.rows_of: list[list[int]] = []
         self.index: dict[int, int] = {}
         self.rows = layout.empty(1024)
         self.row_entity = np.zeros(1024, dtype=np.int64)
@@ -62,33 +73,54 @@ class TileState:
         """Add events (entity ``keys[codes[i]]``, time ``ts[i]`` ms, column values) to the tiles."""
         ent = self._entity_ids(keys)[codes]
         tile_no = ts // self.layout.tile_ms
-        group = (ent << 32) | tile_no
-        ukeys, part = partials_from_events(self.layout, group, tile_no, ts, columns)
-        rows = self._rows_for(ukeys.tolist())
+        ukeys, part = partials_from_events(self.layout, (ent << 32) | tile_no, tile_no, ts, columns)
+        rows = np.asarray(self._rows_for(ukeys.tolist()), dtype=np.int64)
         self.rows[rows] = merge(self.layout, self.rows[rows], part)
         self.ops[: len(self.entities)] += np.bincount(ent, minlength=len(self.entities))
         self.max_ts = max(self.max_ts, float(ts.max()))
         self.min_tile = min(self.min_tile, float(tile_no.min()))
-        changed = self.rows[rows]  # fancy indexing copies: safe across eviction below
-        # ukeys are sorted, so changed rows come grouped by entity.
+        changed = self.rows[rows]  # a copy: row numbers change if eviction compacts below
+        self._evict()
+        # ukeys are sorted, so rows come grouped by entity.
         row_ent = ukeys >> 32
         cut = np.flatnonzero(np.concatenate(([True], row_ent[1:] != row_ent[:-1])))
         touched = row_ent[cut]
+        counts = np.diff(np.concatenate((cut, [len(rows)])))
+        live = self.live[touched]
+        rewrite = self.logged[touched] + counts > 2 * live + _LOG_SLACK
+        self.logged[touched] += counts
+        if not rewrite.any():
+            return self._update(touched, changed, cut, rewrite)
+        keep = np.repeat(~rewrite, counts)
+        parts = [changed[keep]]
+        starts = [cut[~rewrite] - np.concatenate(([0], np.cumsum(~keep)))[cut[~rewrite]]]
+        offset = int(keep.sum())
+        for e in touched[rewrite].tolist():
+            mine = self.rows[self.rows_of[e]]
+            parts.append(mine)
+            starts.append(np.array([offset]))
+            offset += len(mine)
+            self.logged[e] = len(mine)
+        order = np.concatenate((touched[~rewrite], touched[rewrite]))
+        flags = np.concatenate((np.zeros((~rewrite).sum(), bool), np.ones(rewrite.sum(), bool)))
+        return self._update(order, np.concatenate(parts), np.concatenate(starts), flags)
+
+    def _update(self, ents: np.ndarray, rows: np.ndarray, starts: np.ndarray, rewrite: np.ndarray) -> TileUpdate:
         return TileUpdate(
-            entities=[self.entities[e] for e in touched.tolist()],
-            ops=self.ops[touched].copy(),
-            rows=changed,
-            starts=np.concatenate((cut, [len(rows)])),
-            deleted=self._evict(),
+            entities=[self.entities[e] for e in ents.tolist()],
+            ops=self.ops[ents].copy(),
+            rows=rows,
+            starts=np.concatenate((starts, [len(rows)])).astype(np.int64),
+            rewrite=rewrite,
             max_ts=self.max_ts,
         )
 
     def tiles_of(self, entity: str) -> np.ndarray:
+        """Live tile rows of one entity (for inspection and tests)."""
         e = self.entity_index.get(entity)
         if e is None:
             return self.layout.empty(0)
-        mask = self.row_entity[: self.n] == e
-        return self.rows[: self.n][mask].copy()
+        return self.rows[self.rows_of[e]].copy()
 
     def _entity_ids(self, keys: list[str]) -> np.ndarray:
         idx = self.entity_index
@@ -98,9 +130,13 @@ class TileState:
             if e is None:
                 e = idx[k] = len(self.entities)
                 self.entities.append(k)
+                self.rows_of.append([])
             out[i] = e
         if len(self.entities) > len(self.ops):
-            self.ops = np.concatenate((self.ops, np.zeros(len(self.entities) * 2, dtype=np.int64)))
+            grow = len(self.entities) * 2 - len(self.ops)
+            self.ops = np.concatenate((self.ops, np.zeros(grow, dtype=np.int64)))
+            self.live = np.concatenate((self.live, np.zeros(grow, dtype=np.int64)))
+            self.logged = np.concatenate((self.logged, np.zeros(grow, dtype=np.int64)))
         return out
 
     def _rows_for(self, keys: list[int]) -> list[int]:
@@ -122,20 +158,18 @@ class TileState:
                 self.n += 1
                 index[keys[i]] = r
                 rows[i] = r
-                self.row_entity[r] = keys[i] >> 32
+                e = keys[i] >> 32
+                self.row_entity[r] = e
+                self.rows_of[e].append(r)
+                self.live[e] += 1
         return rows
 
-    def _evict(self) -> dict[str, list[float]]:
+    def _evict(self) -> None:
         horizon = (self.max_ts - self.retention_ms) // self.layout.tile_ms
         if self.min_tile >= horizon - self.slack_tiles:
-            return {}
+            return
         live = self.rows[: self.n]
-        old = live[:, TILE] < horizon
-        deleted: dict[str, list[float]] = {}
-        for r in np.flatnonzero(old).tolist():
-            e = int(self.row_entity[r])
-            deleted.setdefault(self.entities[e], []).append(float(live[r, TILE]))
-        keep = ~old
+        keep = live[:, TILE] >= horizon
         kept = int(keep.sum())
         self.rows[:kept] = live[keep]
         self.rows[kept : self.n] = self.layout.empty(self.n - kept)
@@ -144,5 +178,9 @@ class TileState:
         tiles = self.rows[:kept, TILE].astype(np.int64)
         ents = self.row_entity[:kept]
         self.index = dict(zip(((ents << 32) | tiles).tolist(), range(kept), strict=True))
+        self.live[:] = 0
+        self.live[: len(self.entities)] = np.bincount(ents, minlength=len(self.entities))
+        self.rows_of = [[] for _ in self.entities]
+        for r, e in enumerate(ents.tolist()):
+            self.rows_of[e].append(r)
         self.min_tile = float(tiles.min()) if kept else np.inf
-        return deleted

@@ -16,7 +16,6 @@ from connectors.redis_store import RedisOnlineStore
 from engine.definitions import Aggregation, FeatureView
 from engine.errors import DefinitionError, FeaturestreamError
 from engine.reads import online_values, point_in_time_values
-from engine.tiles import TileLayout
 
 __all__ = ["FeatureStore", "OnlineFeatures"]
 
@@ -129,7 +128,7 @@ class FeatureStore:
         for view in views:
             aggs = wanted[view.name]
             ns = self.online.namespace(view.name, view.version)
-            blobs = self.online.read_tiles(ns, self._entity_ids(view, rows), TileLayout.of(view).row_bytes)
+            blobs = self.online.read_tiles(ns, self._entity_ids(view, rows))
             results = online_values(view, blobs, at_ms, aggs)
             for agg in aggs:
                 vals, ts = results[agg.feature_name]
