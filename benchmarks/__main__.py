@@ -1,7 +1,7 @@
 """Benchmarks: end-to-end throughput and online read latency, on a private broker and Redis.
 
-    ./run bench                      # 1M events, 10k entities, 3 windows x 4 aggregations
-    ./run bench --events 200000      # quicker
+./run bench                      # 1M events, 10k entities, 3 windows x 4 aggregations
+./run bench --events 200000      # quicker
 """
 
 from __future__ import annotations
@@ -25,16 +25,32 @@ from featurestream.synthetic import card_transactions
 
 def bench_view(topic: str) -> FeatureView:
     source = EventSource(
-        name="transactions", topic=topic, timestamp_field="ts",
-        fields=(Field(name="user_id", dtype="str"), Field(name="card_id", dtype="str"),
-                Field(name="merchant", dtype="str"), Field(name="category", dtype="str"),
-                Field(name="amount", dtype="float"), Field(name="country", dtype="str"),
-                Field(name="is_online", dtype="bool")),
+        name="transactions",
+        topic=topic,
+        timestamp_field="ts",
+        fields=(
+            Field(name="user_id", dtype="str"),
+            Field(name="card_id", dtype="str"),
+            Field(name="merchant", dtype="str"),
+            Field(name="category", dtype="str"),
+            Field(name="amount", dtype="float"),
+            Field(name="country", dtype="str"),
+            Field(name="is_online", dtype="bool"),
+        ),
     )
-    aggs = tuple(Aggregation(function=f, column=None if f == "count" else "amount", window=w)
-                 for w in ("10m", "1h", "1d") for f in ("count", "sum", "mean", "max"))
-    return FeatureView(name="bench", entity=Entity(name="user", join_keys=("user_id",)), source=source,
-                       aggregations=aggs, tile_size="1m", allowed_lateness="2m")
+    aggs = tuple(
+        Aggregation(function=f, column=None if f == "count" else "amount", window=w)
+        for w in ("10m", "1h", "1d")
+        for f in ("count", "sum", "mean", "max")
+    )
+    return FeatureView(
+        name="bench",
+        entity=Entity(name="user", join_keys=("user_id",)),
+        source=source,
+        aggregations=aggs,
+        tile_size="1m",
+        allowed_lateness="2m",
+    )
 
 
 def produce(bootstrap: str, topic: str, events: int, entities: int, end_ms: int) -> list[str]:
@@ -77,17 +93,25 @@ def main() -> None:
         now_ms = int(time.time() * 1000)
         t = time.perf_counter()
         keys = produce(svc.kafka_bootstrap_servers, topic, args.events, args.entities, now_ms)
-        print(f"produced {args.events:,} events for {len(keys):,} entities in {time.perf_counter() - t:.1f} s")
+        print(
+            f"produced {args.events:,} events for {len(keys):,} entities in {time.perf_counter() - t:.1f} s"
+        )
 
-        runtime = RuntimeConfig(kafka_bootstrap_servers=svc.kafka_bootstrap_servers, redis_url=svc.redis_url,
-                                delta_uri=f"{work}/delta", stop_at_end=True)
+        runtime = RuntimeConfig(
+            kafka_bootstrap_servers=svc.kafka_bootstrap_servers,
+            redis_url=svc.redis_url,
+            delta_uri=f"{work}/delta",
+            stop_at_end=True,
+        )
         flow = build_dataflow([view], runtime)
         t = time.perf_counter()
         run_dataflow(flow, workers=args.workers)
         elapsed = time.perf_counter() - t
         rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-        print(f"end to end (Kafka -> Redis + Delta), {args.partitions} partitions, {args.workers} worker(s): "
-              f"{args.events / elapsed:,.0f} events/s ({elapsed:.2f} s); peak RSS {rss:,.0f} MiB")
+        print(
+            f"end to end (Kafka -> Redis + Delta), {args.partitions} partitions, {args.workers} worker(s): "
+            f"{args.events / elapsed:,.0f} events/s ({elapsed:.2f} s); peak RSS {rss:,.0f} MiB"
+        )
 
         store = FeatureStore([view], redis_url=svc.redis_url, delta_uri=f"{work}/delta")
         rng = np.random.default_rng(0)
@@ -97,9 +121,13 @@ def main() -> None:
         hundred = [list(rng.choice(keys, 100, replace=False)) for _ in range(args.reads // 4)]
         it1, it100 = iter(one * 2), iter(hundred * 2)
         p50, p99 = latency(lambda: store.get_online_features(feats, next(it1), as_of=at), args.reads)
-        print(f"online read, 1 entity x {len(view.aggregations)} features: p50 {p50:.3f} ms, p99 {p99:.3f} ms")
+        print(
+            f"online read, 1 entity x {len(view.aggregations)} features: p50 {p50:.3f} ms, p99 {p99:.3f} ms"
+        )
         p50, p99 = latency(lambda: store.get_online_features(feats, next(it100), as_of=at), args.reads // 4)
-        print(f"online read, 100 entities x {len(view.aggregations)} features: p50 {p50:.3f} ms, p99 {p99:.3f} ms")
+        print(
+            f"online read, 100 entities x {len(view.aggregations)} features: p50 {p50:.3f} ms, p99 {p99:.3f} ms"
+        )
 
 
 if __name__ == "__main__":

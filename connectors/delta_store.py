@@ -70,7 +70,9 @@ class DeltaOfflineStore:
         parts = rows.column("_partition").to_numpy()
         offsets = rows.column("_offset").to_numpy()
         pairs = rows.group_by(["_topic", "_partition"]).aggregate([]).to_pylist()
-        apps = {(r["_topic"], r["_partition"]): f"{app_prefix}:{r['_topic']}:{r['_partition']}" for r in pairs}
+        apps = {
+            (r["_topic"], r["_partition"]): f"{app_prefix}:{r['_topic']}:{r['_partition']}" for r in pairs
+        }
         done = self.committed_offsets(uri, list(apps.values()))
         keep = np.ones(rows.num_rows, dtype=bool)
         txns = []

@@ -147,7 +147,9 @@ def build_dataflow(views: list[FeatureView], runtime: RuntimeConfig, name: str =
         shards = runtime.shards
         keyed = op.flat_map(f"{v}_shard", batches, lambda b, n=shards: split_shards(b, n))
 
-        def builder(resume: TileState | None, layout: TileLayout = layout, retention: int = retention) -> TileLogic:
+        def builder(
+            resume: TileState | None, layout: TileLayout = layout, retention: int = retention
+        ) -> TileLogic:
             return TileLogic(resume if resume is not None else TileState(layout, retention))
 
         tiles = op.stateful_batch(f"{v}_tiles", keyed, builder)

@@ -109,9 +109,7 @@ class EventDecoder:
             entity = [str(getattr(e, k)) for e in events]
         else:
             entity = ["|".join(str(getattr(e, k)) for k in self.keys) for e in events]
-        cols = [
-            np.array([getattr(e, c) for e in events], dtype=np.float64) for c in self.columns
-        ]
+        cols = [np.array([getattr(e, c) for e in events], dtype=np.float64) for c in self.columns]
         failures.sort()
         return DecodedEvents(index=index, entity=entity, ts=ts, columns=cols, failures=failures)
 

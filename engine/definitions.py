@@ -46,7 +46,7 @@ def parse_duration(value: Any) -> timedelta:
 
 
 def duration_ms(td: timedelta) -> int:
-    return int(round(td.total_seconds() * 1000))
+    return round(td.total_seconds() * 1000)
 
 
 def format_duration(td: timedelta) -> str:
@@ -299,9 +299,7 @@ class FeatureView(_Definition):
                     f"add Field(name={key!r}, dtype='str') to the source"
                 )
             if f.dtype not in ("str", "int") or f.nullable:
-                raise ValueError(
-                    f"entity.join_keys: {key!r} must be a non-nullable str or int field"
-                )
+                raise ValueError(f"entity.join_keys: {key!r} must be a non-nullable str or int field")
         tile = duration_ms(self.tile_size)
         if tile < 1000 or tile % 1000:
             raise ValueError("tile_size must be a whole number of seconds, at least 1s")
@@ -397,8 +395,11 @@ class FeatureView(_Definition):
                     "name": a.feature_name,
                     "function": a.function,
                     "column": a.column,
-                    "window": [a.window.kind, duration_ms(a.window.size),
-                               duration_ms(a.window.hop) if a.window.hop else None],
+                    "window": [
+                        a.window.kind,
+                        duration_ms(a.window.size),
+                        duration_ms(a.window.hop) if a.window.hop else None,
+                    ],
                 }
                 for a in self.aggregations
             ],

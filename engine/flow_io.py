@@ -107,7 +107,11 @@ class _DecodingPartition(StatefulSourcePartition[SourceBatch, dict]):
                     wm = datetime.fromtimestamp((seen[j] - self.lateness) / 1000, UTC).isoformat()
                     dead.append(
                         DeadLetter(
-                            raw.topic, raw.partition, int(raw.offsets[i]), raw.keys[i], raw.values[i],
+                            raw.topic,
+                            raw.partition,
+                            int(raw.offsets[i]),
+                            raw.keys[i],
+                            raw.values[i],
                             Reason.LATE,
                             f"{self.view.source.timestamp_field}: event time is behind the watermark "
                             f"{wm} (newest event time minus allowed_lateness {lag}); raise the view's "
@@ -264,7 +268,9 @@ class _OnlinePartition(StatelessSinkPartition[TileUpdate]):
         ttl_ms = duration_ms(view.effective_ttl)
         row_bytes = TileLayout.of(view).row_bytes
         self.writer: BackgroundWriter[TileUpdate] = BackgroundWriter(
-            lambda updates: self.store.write(namespace, updates, ttl_ms, row_bytes), depth=4, name="online-writer"
+            lambda updates: self.store.write(namespace, updates, ttl_ms, row_bytes),
+            depth=4,
+            name="online-writer",
         )
 
     def write_batch(self, items: list[TileUpdate]) -> None:

@@ -43,7 +43,9 @@ def _by_window(aggs: list[Aggregation]) -> dict[tuple, list[Aggregation]]:
     return groups
 
 
-def online_values(view: FeatureView, blobs: list[bytes], at_ms: int, aggs: list[Aggregation]) -> FeatureValues:
+def online_values(
+    view: FeatureView, blobs: list[bytes], at_ms: int, aggs: list[Aggregation]
+) -> FeatureValues:
     """Values for each entity whose packed tiles are ``blobs[i]``, as of ``at_ms``."""
     layout = TileLayout.of(view)
     n = len(blobs)
@@ -60,7 +62,9 @@ def online_values(view: FeatureView, blobs: list[bytes], at_ms: int, aggs: list[
     return out
 
 
-def _current_tiles(layout: TileLayout, blobs: list[bytes], counts: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def _current_tiles(
+    layout: TileLayout, blobs: list[bytes], counts: np.ndarray
+) -> tuple[np.ndarray, np.ndarray]:
     """The newest row of each (entity, tile) in the entities' row logs, and each row's entity."""
     if not counts.sum():
         return layout.empty(0), np.zeros(0, dtype=np.int64)
@@ -86,8 +90,14 @@ def point_in_time_values(
     """Values for each (``entity[i]``, ``at_ms[i]``) from stored events, using only events up to it."""
     layout = TileLayout.of(view)
     q = len(entity)
-    events = events.sort_by([("entity", "ascending"), ("event_ts", "ascending"),
-                             ("_partition", "ascending"), ("_offset", "ascending")])
+    events = events.sort_by(
+        [
+            ("entity", "ascending"),
+            ("event_ts", "ascending"),
+            ("_partition", "ascending"),
+            ("_offset", "ascending"),
+        ]
+    )
     ev_entity = events.column("entity").combine_chunks()
     uniq = pc.unique(ev_entity)
     ecode = pc.index_in(ev_entity, value_set=uniq).to_numpy(zero_copy_only=False).astype(np.int64)
@@ -98,7 +108,9 @@ def point_in_time_values(
     tmin = int(min(ts.min() if len(ts) else 0, at_ms.min() if q else 0)) - 2 * duration_ms(view.max_lookback)
     span = int(max(ts.max() if len(ts) else 0, at_ms.max() if q else 0)) - tmin + 2
     if (len(uniq) + 1) * span >= 2**62:
-        raise StoreError("training set spans too many entities and too long a time at once; split entity_df by time")
+        raise StoreError(
+            "training set spans too many entities and too long a time at once; split entity_df by time"
+        )
     key = ecode * span + (ts - tmin)
     out: FeatureValues = {}
     for group in _by_window(aggs).values():

@@ -105,7 +105,9 @@ class TileState:
         flags = np.concatenate((np.zeros((~rewrite).sum(), bool), np.ones(rewrite.sum(), bool)))
         return self._update(order, np.concatenate(parts), np.concatenate(starts), flags)
 
-    def _update(self, ents: np.ndarray, rows: np.ndarray, starts: np.ndarray, rewrite: np.ndarray) -> TileUpdate:
+    def _update(
+        self, ents: np.ndarray, rows: np.ndarray, starts: np.ndarray, rewrite: np.ndarray
+    ) -> TileUpdate:
         return TileUpdate(
             entities=[self.entities[e] for e in ents.tolist()],
             ops=self.ops[ents].copy(),

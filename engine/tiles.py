@@ -217,9 +217,7 @@ def event_time(layout: TileLayout, partial: np.ndarray, agg: Aggregation) -> np.
     return partial[:, layout.base(agg.column) + LTS].copy()
 
 
-def window_tile_range(
-    agg: Aggregation, tile_ms: int, t: np.ndarray
-) -> tuple[np.ndarray, np.ndarray, bool]:
+def window_tile_range(agg: Aggregation, tile_ms: int, t: np.ndarray) -> tuple[np.ndarray, np.ndarray, bool]:
     """Inclusive tile-number range each read time ``t`` (ms) covers for ``agg``'s window.
 
     Returns ``(lo, hi, head_is_partial)``: for sliding windows the last tile is the one holding

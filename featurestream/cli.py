@@ -59,8 +59,10 @@ def run(
         settings = Settings(bounded=bounded) if bounded else Settings()
         runtime = runtime_config(settings)
         prepare_topics(views, runtime)
-        console.print(f"running {', '.join(f'{v.name}@{v.version}' for v in views)} "
-                      f"with {processes} process(es) x {workers} worker(s)")
+        console.print(
+            f"running {', '.join(f'{v.name}@{v.version}' for v in views)} "
+            f"with {processes} process(es) x {workers} worker(s)"
+        )
         if processes == 1:
             run_dataflow(build_dataflow(views, runtime), workers=workers)
             return
@@ -82,8 +84,18 @@ def _run_processes(pipeline: Path, runtime: object, workers: int, processes: int
     }
     procs = [
         subprocess.Popen(
-            [sys.executable, "-m", "bytewax.run", f"{pipeline}:flow", "-w", str(workers),
-             "-i", str(i), "-a", addresses],
+            [
+                sys.executable,
+                "-m",
+                "bytewax.run",
+                f"{pipeline}:flow",
+                "-w",
+                str(workers),
+                "-i",
+                str(i),
+                "-a",
+                addresses,
+            ],
             env=env,
         )
         for i in range(processes)

@@ -42,9 +42,7 @@ class OnlineFeatures:
         return out
 
     def rows(self) -> list[dict[str, Any]]:
-        return [
-            {**ent, **{f: v[i] for f, v in self.values.items()}} for i, ent in enumerate(self.entities)
-        ]
+        return [{**ent, **{f: v[i] for f, v in self.values.items()}} for i, ent in enumerate(self.entities)]
 
 
 class FeatureStore:
@@ -148,7 +146,11 @@ class FeatureStore:
         ``entity_df`` is a pyarrow Table or pandas DataFrame with the views' join keys and a
         timezone-aware ``timestamp_column``. No value uses an event after its row's timestamp.
         """
-        table = entity_df if isinstance(entity_df, pa.Table) else pa.Table.from_pandas(entity_df, preserve_index=False)
+        table = (
+            entity_df
+            if isinstance(entity_df, pa.Table)
+            else pa.Table.from_pandas(entity_df, preserve_index=False)
+        )
         if timestamp_column not in table.column_names:
             raise FeaturestreamError(
                 f"entity_df has no column {timestamp_column!r}; add it or pass timestamp_column="
@@ -205,4 +207,3 @@ def _arrow_values(vals: np.ndarray, agg: Aggregation) -> pa.Array:
 
 def _empty_events(view: FeatureView) -> pa.Table:
     return event_schema(view.columns).empty_table()
-

@@ -1,4 +1,5 @@
-"""Runtime settings, read from the environment (prefix ``FEATURESTREAM_``) at the edge only.
+"""Runtime settings, read at the edge only: environment (prefix ``FEATURESTREAM_``), then a
+``featurestream.toml`` in the working directory (or the file ``FEATURESTREAM_CONFIG`` names).
 
 Library classes never read the environment; the CLI and the pipeline entry points build a
 :class:`Settings` and pass it down.
@@ -6,10 +7,16 @@ Library classes never read the environment; the CLI and the pipeline entry point
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 from pydantic import Field
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic_settings import (
+    BaseSettings,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+    TomlConfigSettingsSource,
+)
 
 
 class Settings(BaseSettings):
@@ -34,6 +41,20 @@ class Settings(BaseSettings):
     bounded: bool = Field(
         default=False, description="stop at each partition's end offset as of start (backfills)"
     )
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        toml = TomlConfigSettingsSource(
+            settings_cls, toml_file=os.environ.get("FEATURESTREAM_CONFIG", "featurestream.toml")
+        )
+        return init_settings, env_settings, toml
 
     def resolved_delta_uri(self) -> str:
         return self.delta_uri or str((self.state_dir / "delta").resolve())

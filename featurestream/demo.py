@@ -30,7 +30,9 @@ def run_demo(events: int, users: int, partitions: int, keep_services: bool, cons
     already = {k for k, v in embedded_status(settings).items() if v.get("answers")}
     console.rule("[bold]featurestream demo")
     runtime = runtime_config(settings, stop_at_end=True)
-    console.print(f"Kafka  {runtime.kafka_bootstrap_servers}\nRedis  {runtime.redis_url}\nDelta  {runtime.delta_uri}")
+    console.print(
+        f"Kafka  {runtime.kafka_bootstrap_servers}\nRedis  {runtime.redis_url}\nDelta  {runtime.delta_uri}"
+    )
     run_id = uuid.uuid4().hex[:8]
     source = user_spend.source.model_copy(update={"topic": f"demo-transactions-{run_id}"})
     view = user_spend.model_copy(update={"source": source})
@@ -75,8 +77,15 @@ def run_demo(events: int, users: int, partitions: int, keep_services: bool, cons
 
     store = feature_store(view, settings=settings)
     top = [u.decode() for u, _ in active.most_common(3)]
-    shown = ["events_count_10m", "amount_sum_10m", "amount_sum_1h", "amount_mean_1d", "amount_max_1d",
-             "amount_last_1d", "online_tx_1h"]
+    shown = [
+        "events_count_10m",
+        "amount_sum_10m",
+        "amount_sum_1h",
+        "amount_mean_1d",
+        "amount_max_1d",
+        "amount_last_1d",
+        "online_tx_1h",
+    ]
     online = store.get_online_features([f"{view.name}:{f}" for f in shown], top)
     table = Table(title="online features as of now (Redis)")
     table.add_column("feature")
@@ -86,20 +95,31 @@ def run_demo(events: int, users: int, partitions: int, keep_services: bool, cons
         table.add_row(f, *[_fmt(v) for v in online.values[f"{view.name}:{f}"]])
     console.print(table)
 
-    by_reason = {r: int(total(DEAD_LETTERS, view=view.name, reason=r))
-                 for r in ("malformed_json", "missing_field", "invalid_type", "bad_timestamp", "late")}
+    by_reason = {
+        r: int(total(DEAD_LETTERS, view=view.name, reason=r))
+        for r in ("malformed_json", "missing_field", "invalid_type", "bad_timestamp", "late")
+    }
     published = _topic_size(runtime.kafka_bootstrap_servers, source.dlq_topic)
-    console.print(f"dead letters: {published} on {source.dlq_topic} ("
-                  + ", ".join(f"{k} {v}" for k, v in by_reason.items() if v) + ")")
+    console.print(
+        f"dead letters: {published} on {source.dlq_topic} ("
+        + ", ".join(f"{k} {v}" for k, v in by_reason.items() if v)
+        + ")"
+    )
     injected = sum(v for k, v in kinds.items() if k != "ok")
     if published != injected:
         console.print(f"[yellow]note: the generator injected {injected} bad or late events")
 
     rng = np.random.default_rng(1)
-    when = [datetime.fromtimestamp(now_ms / 1000, UTC) - timedelta(minutes=int(m))
-            for m in rng.integers(0, 120, 6)]
-    entity_df = pa.table({"user_id": [top[i % len(top)] for i in range(6)],
-                          "event_timestamp": pa.array(when, pa.timestamp("ms", "UTC"))})
+    when = [
+        datetime.fromtimestamp(now_ms / 1000, UTC) - timedelta(minutes=int(m))
+        for m in rng.integers(0, 120, 6)
+    ]
+    entity_df = pa.table(
+        {
+            "user_id": [top[i % len(top)] for i in range(6)],
+            "event_timestamp": pa.array(when, pa.timestamp("ms", "UTC")),
+        }
+    )
     train = store.get_training_set(entity_df, [f"{view.name}:amount_sum_1h", f"{view.name}:events_count_1h"])
     table = Table(title="training set sample, point in time (Delta)")
     for name in train.column_names:
