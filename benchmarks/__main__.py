@@ -126,7 +126,8 @@ def main() -> None:
         )
         p50, p99 = latency(lambda: store.get_online_features(feats, next(it100), as_of=at), args.reads // 4)
         print(
-            f"online read, 100 entities x {len(view.aggregations)} features: p50 {p50:.3f} ms, p99 {p99:.3f} ms"
+            f"online read, 100 entities x {len(view.aggregations)} features: "
+            f"p50 {p50:.3f} ms, p99 {p99:.3f} ms"
         )
 
 

@@ -33,7 +33,17 @@ user_spend = FeatureView(
     name="user_spend",
     entity=user,
     source=transactions,
-    aggregations=(*tuple(Aggregation(function=fn, column=None if fn == "count" else "amount", window=w) for w in ("10m", "1h", "1d") for fn in ("count", "sum", "mean", "max")), Aggregation(function="stddev", column="amount", window="1d"), Aggregation(function="last", column="amount", window="1d"), Aggregation(function="sum", column="is_online", window="1h", name="online_tx_1h"), Aggregation(function="sum", column="amount", window=Window.tumbling("1h"))),
+    aggregations=(
+        *(
+            Aggregation(function=fn, column=None if fn == "count" else "amount", window=w)
+            for w in ("10m", "1h", "1d")
+            for fn in ("count", "sum", "mean", "max")
+        ),
+        Aggregation(function="stddev", column="amount", window="1d"),
+        Aggregation(function="last", column="amount", window="1d"),
+        Aggregation(function="sum", column="is_online", window="1h", name="online_tx_1h"),
+        Aggregation(function="sum", column="amount", window=Window.tumbling("1h")),
+    ),
     tile_size="1m",
     allowed_lateness="2m",
     owner="risk-team@example.com",
