@@ -47,9 +47,13 @@ def _admin(bootstrap: str, extra: dict[str, Any] | None = None) -> AdminClient:
 
 
 def partition_count(bootstrap: str, topic: str, timeout: float = 10.0) -> int:
-    """Partitions of ``topic``; raises if the topic does not exist."""
+    """Partitions of ``topic``; raises if the topic does not exist.
+
+    Lists all topics rather than asking for this one: some brokers create a topic on a metadata
+    request naming it.
+    """
     try:
-        md = _admin(bootstrap).list_topics(topic=topic, timeout=timeout)
+        md = _admin(bootstrap).list_topics(timeout=timeout)
     except KafkaException as exc:
         raise ServiceUnavailable(f"Kafka at {bootstrap} did not answer: {exc}") from exc
     t = md.topics.get(topic)

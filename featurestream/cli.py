@@ -22,7 +22,7 @@ console = Console()
 
 
 def _fail(exc: Exception) -> typer.Exit:
-    console.print(f"[bold red]error:[/] {exc}")
+    console.print(f"[bold red]error:[/] {exc}", soft_wrap=True)
     return typer.Exit(code=2)
 
 
