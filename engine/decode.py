@@ -17,7 +17,7 @@ import numpy as np
 
 from engine.definitions import EventSource, FeatureView
 
-__all__ = ["DeadLetter", "DecodedEvents", "EventDecoder", "Reason"]
+__all__ = ["DeadLetter", "DecodedEvents", "EventDecoder", "Reason", "entity_id"]
 
 # Epoch milliseconds accepted as event times: 1970-01-01 .. 2100-01-01.
 _MAX_TS_MS = 4_102_444_800_000
@@ -62,6 +62,14 @@ class DecodedEvents:
 _PY = {"int": int, "float": float, "str": str, "bool": bool}
 
 
+def entity_id(values: list[Any]) -> str:
+    """One string per entity. Composite keys join their parts with ``|``, escaping ``\\`` and
+    ``|`` inside parts, so distinct key tuples never collide."""
+    if len(values) == 1:
+        return str(values[0])
+    return "|".join(str(v).replace("\\", "\\\\").replace("|", "\\|") for v in values)
+
+
 class EventDecoder:
     """Turns JSON event bytes into the entity key, event time and aggregated columns of a view."""
 
@@ -86,6 +94,9 @@ class EventDecoder:
         failures: list[tuple[int, str, str]] = []
         try:
             events = self._many.decode(b"[" + b",".join(values) + b"]")
+            # One element per message, or some message held several (or none): decode one by one.
+            if len(events) != len(values):
+                raise msgspec.DecodeError("message count mismatch")
             index = np.arange(len(values))
         except msgspec.DecodeError:
             events, kept = [], []
@@ -108,7 +119,7 @@ class EventDecoder:
             k = self.keys[0]
             entity = [str(getattr(e, k)) for e in events]
         else:
-            entity = ["|".join(str(getattr(e, k)) for k in self.keys) for e in events]
+            entity = [entity_id([getattr(e, k) for k in self.keys]) for e in events]
         cols = [np.array([getattr(e, c) for e in events], dtype=np.float64) for c in self.columns]
         failures.sort()
         return DecodedEvents(index=index, entity=entity, ts=ts, columns=cols, failures=failures)

@@ -13,6 +13,7 @@ import pyarrow.compute as pc
 
 from connectors.delta_store import DeltaOfflineStore, event_schema
 from connectors.redis_store import RedisOnlineStore
+from engine.decode import entity_id
 from engine.definitions import Aggregation, FeatureView
 from engine.errors import DefinitionError, FeaturestreamError
 from engine.reads import online_values, point_in_time_values
@@ -90,7 +91,7 @@ class FeatureStore:
         try:
             if len(keys) == 1:
                 return [str(r[keys[0]]) for r in rows]
-            return ["|".join(str(r[k]) for k in keys) for r in rows]
+            return [entity_id([r[k] for k in keys]) for r in rows]
         except KeyError as exc:
             raise FeaturestreamError(
                 f"entity row lacks join key {exc.args[0]!r} of view {view.name!r}; pass {list(keys)}"
