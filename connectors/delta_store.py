@@ -21,12 +21,13 @@ from engine.errors import StoreError
 __all__ = ["DeltaOfflineStore", "event_schema"]
 
 
-def event_schema(columns: tuple[str, ...]) -> pa.Schema:
+def event_schema(columns: tuple[str, ...], text_columns: tuple[str, ...] = ()) -> pa.Schema:
+    """Stored events: aggregated columns as float64, except text columns (only ever counted)."""
     return pa.schema(
         [
             ("entity", pa.string()),
             ("event_ts", pa.timestamp("ms", tz="UTC")),
-            *[(c, pa.float64()) for c in columns],
+            *[(c, pa.string() if c in text_columns else pa.float64()) for c in columns],
             ("_topic", pa.string()),
             ("_partition", pa.int32()),
             ("_offset", pa.int64()),

@@ -66,6 +66,13 @@ class _Definition(BaseModel):
         except ValidationError as exc:
             raise DefinitionError(_explain(type(self).__name__, data, exc)) from None
 
+    def model_copy(self, *, update: dict[str, Any] | None = None, deep: bool = False) -> Any:
+        """A validated copy with ``update`` applied (derived values such as ``version`` recomputed)."""
+        if not update:
+            return super().model_copy(deep=deep)
+        data = {name: getattr(self, name) for name in type(self).model_fields}
+        return type(self)(**{**data, **update})
+
 
 def _explain(kind: str, data: dict[str, Any], exc: ValidationError) -> str:
     name = data.get("name")

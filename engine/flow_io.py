@@ -42,6 +42,7 @@ class SourceBatch:
     columns: list[np.ndarray]
     offsets: np.ndarray
     dead: list[DeadLetter] = field(default_factory=list)
+    text: dict[str, list[str | None]] = field(default_factory=dict)
     read: int = 0
     watermark: float = _NO_TS
 
@@ -52,13 +53,18 @@ class SourceBatch:
             [
                 pa.array(self.entity, pa.string()),
                 pa.array(self.ts, pa.int64()).view(pa.timestamp("ms", tz="UTC")),
-                *[pa.array(c, pa.float64(), from_pandas=True) for c in self.columns],
+                *[
+                    pa.array(self.text[name], pa.string())
+                    if name in self.text
+                    else pa.array(c, pa.float64(), from_pandas=True)
+                    for name, c in zip(columns, self.columns, strict=True)
+                ],
                 pa.array([self.topic] * n, pa.string()),
                 pa.array(np.full(n, self.partition, np.int32)),
                 pa.array(self.offsets),
                 pa.array((self.ts // 86_400_000).astype(np.int32), pa.int32()).view(pa.date32()),
             ],
-            schema=event_schema(columns),
+            schema=event_schema(columns, tuple(self.text)),
         )
 
 
@@ -119,11 +125,13 @@ class _DecodingPartition(StatefulSourcePartition[SourceBatch, dict]):
                         )
                     )
                 keep = ~late
-        entity, columns, index = dec.entity, dec.columns, dec.index
+        entity, columns, index, text = dec.entity, dec.columns, dec.index, dec.text
         if keep is not None:
             ts, index = ts[keep], index[keep]
-            entity = [e for e, k in zip(entity, keep.tolist(), strict=True) if k]
+            flags = keep.tolist()
+            entity = [e for e, k in zip(entity, flags, strict=True) if k]
             columns = [c[keep] for c in columns]
+            text = {name: [v for v, k in zip(vals, flags, strict=True) if k] for name, vals in text.items()}
         dead.sort(key=lambda d: d.offset)
         self._in.inc(len(raw.values))
         self._ok.inc(len(ts))
@@ -140,6 +148,7 @@ class _DecodingPartition(StatefulSourcePartition[SourceBatch, dict]):
                 columns=columns,
                 offsets=raw.offsets[index] if len(index) else raw.offsets[:0],
                 dead=dead,
+                text=text,
                 read=len(raw.values),
                 watermark=self.max_ts - self.lateness,
             )

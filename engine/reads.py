@@ -104,7 +104,7 @@ def point_in_time_values(
     qcode = pc.index_in(pa.array(entity, pa.string()), value_set=uniq)
     qcode = qcode.fill_null(-1).to_numpy(zero_copy_only=False).astype(np.int64)
     ts = pc.cast(events.column("event_ts"), pa.timestamp("ms", "UTC")).cast(pa.int64()).to_numpy()
-    cols = [events.column(c).to_numpy() for c in layout.columns]
+    cols = [_as_float(events.column(c)) for c in layout.columns]
     tmin = int(min(ts.min() if len(ts) else 0, at_ms.min() if q else 0)) - 2 * duration_ms(view.max_lookback)
     span = int(max(ts.max() if len(ts) else 0, at_ms.max() if q else 0)) - tmin + 2
     if (len(uniq) + 1) * span >= 2**62:
@@ -126,6 +126,13 @@ def point_in_time_values(
         for agg in group:
             out[agg.feature_name] = (finalize(layout, partial, agg), event_time(layout, partial, agg))
     return out
+
+
+def _as_float(column: pa.ChunkedArray) -> np.ndarray:
+    """A column as the stream sees it: numbers as float64, text as presence (0.0, or NaN if null)."""
+    if pa.types.is_string(column.type) or pa.types.is_large_string(column.type):
+        return np.where(pc.is_valid(column).to_numpy(zero_copy_only=False), 0.0, np.nan)
+    return pc.cast(column, pa.float64()).to_numpy(zero_copy_only=False)
 
 
 def _chunks(lengths: np.ndarray) -> list[slice]:

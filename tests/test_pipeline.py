@@ -333,8 +333,10 @@ def test_the_data_set_exercises_what_it_should(world: World) -> None:
     assert ev["partition"].nunique() >= 3
     assert ev.groupby("user_id")["partition"].nunique().max() == 1  # keyed: one partition per entity
     # Out-of-order events within the lateness were produced and all of them were accepted.
-    disorder = ev.sort_values(["partition", "offset"]).groupby("partition")["ts"].apply(
-        lambda s: int((s < s.cummax().shift(fill_value=0)).sum())
+    disorder = (
+        ev.sort_values(["partition", "offset"])
+        .groupby("partition")["ts"]
+        .apply(lambda s: int((s < s.cummax().shift(fill_value=0)).sum()))
     )
     assert disorder.sum() > 50
     assert read_topic(world.kafka, f"{world.topic}.dlq") == []
@@ -426,8 +428,10 @@ def test_event_times_are_those_of_the_newest_contributing_event(world: World) ->
 def test_values_expire_as_of_read_time_without_new_events(world: World) -> None:
     last = world.events.loc[world.events["ts"].idxmax()]
     who, at = last["user_id"], int(last["ts"])
-    feats = [f"{world.view.name}:{n}" for n in ("sum_amount_sl10m", "count_events_sl10m",
-                                                 "mean_amount_sl10m", "count_events_sl1h")]
+    feats = [
+        f"{world.view.name}:{n}"
+        for n in ("sum_amount_sl10m", "count_events_sl10m", "mean_amount_sl10m", "count_events_sl1h")
+    ]
 
     now = world.store.get_online_features(feats, [who], as_of=ms_dt(at)).values
     assert now[feats[0]][0] > 0

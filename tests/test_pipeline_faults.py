@@ -161,8 +161,11 @@ def _fault_stream(rng: np.random.Generator) -> tuple[list[Any], dict[str, str]]:
     good: list[Any] = []
     for i in range(400):
         ts = BASE + i * 9 * 1000 + int(rng.integers(0, 2 * MIN))  # disorder up to 2m, within lateness
-        ev: dict[str, Any] = {"user_id": ents[int(rng.integers(0, 5))], "ts": ts,
-                              "amount": float(np.round(rng.normal(20, 8), 2))}
+        ev: dict[str, Any] = {
+            "user_id": ents[int(rng.integers(0, 5))],
+            "ts": ts,
+            "amount": float(np.round(rng.normal(20, 8), 2)),
+        }
         if i % 7 == 0:
             ev["note"] = "unknown fields are ignored"
         good.append(ev)
@@ -230,8 +233,16 @@ def test_bad_events_are_dead_lettered_and_the_good_ones_aggregated(
         if _MARK.search(m.value()) and b"late-" not in m.value():
             continue
         e = json.loads(m.value())
-        rows.append({"entity": e["user_id"], "ts": e["ts"], "amount": e["amount"], "partition": p,
-                     "offset": o, "late_marker": "note" in e and e["note"].startswith("late-")})
+        rows.append(
+            {
+                "entity": e["user_id"],
+                "ts": e["ts"],
+                "amount": e["amount"],
+                "partition": p,
+                "offset": o,
+                "late_marker": "note" in e and e["note"].startswith("late-"),
+            }
+        )
     valid = pd.DataFrame(rows).sort_values(["partition", "offset"]).reset_index(drop=True)
     newest = valid.groupby("partition")["ts"].transform(lambda s: s.cummax().shift(fill_value=-(2**62)))
     is_late = valid["ts"] < newest - LATENESS
@@ -272,13 +283,15 @@ def test_iso8601_timestamps_end_to_end(
     ]
     good = [e for j, e in enumerate(events) if j not in (30, 60)]
     ts = [int(pd.Timestamp(e["at"]).tz_convert("UTC").value // 1_000_000) for e in good]
-    df = pd.DataFrame({
-        "entity": [e["user_id"] for e in good],
-        "ts": ts,
-        "amount": [e["amount"] for e in good],
-        "partition": 0,
-        "offset": [j for j in range(len(events)) if j not in (30, 60)],
-    })
+    df = pd.DataFrame(
+        {
+            "entity": [e["user_id"] for e in good],
+            "ts": ts,
+            "amount": [e["amount"] for e in good],
+            "partition": 0,
+            "offset": [j for j in range(len(events)) if j not in (30, 60)],
+        }
+    )
     assert delta_times(view, runtime) == sorted(ts)
     ents = sorted(df["entity"].unique())
     assert check_against_oracle(view, runtime, df, [{"user_id": e} for e in ents], ents) > 300
@@ -327,8 +340,15 @@ def test_epoch_seconds_timestamps_end_to_end(
         if isinstance(e["ts"], str) or e["ts"] < 0:
             continue
         ms = int(Decimal(repr(e["ts"])) * 1000)
-        rows.append({"entity": e["user_id"], "ts": ms, "amount": e["amount"], "partition": m.partition(),
-                     "offset": m.offset()})
+        rows.append(
+            {
+                "entity": e["user_id"],
+                "ts": ms,
+                "amount": e["amount"],
+                "partition": m.partition(),
+                "offset": m.offset(),
+            }
+        )
     df = pd.DataFrame(rows)
     assert len(df) == 150
     assert ((df["ts"] % MIN) == 0).sum() > 30 and ((df["ts"] % MIN) == MIN - 1).sum() > 30
@@ -348,8 +368,14 @@ def test_composite_entity_key_end_to_end(
     events = []
     for i in range(240):
         m, c = combos[int(rng.integers(0, len(combos)))]
-        events.append({"merchant_id": m, "country": c, "ts": BASE + i * 7_000 + int(rng.integers(0, 90_000)),
-                       "amount": float(np.round(rng.uniform(-10, 90), 2))})
+        events.append(
+            {
+                "merchant_id": m,
+                "country": c,
+                "ts": BASE + i * 7_000 + int(rng.integers(0, 90_000)),
+                "amount": float(np.round(rng.uniform(-10, 90), 2)),
+            }
+        )
     produce(services.kafka, src, events, key_field="merchant_id")
     run_views([view], runtime)
 
@@ -357,14 +383,22 @@ def test_composite_entity_key_end_to_end(
     rows = []
     for msg in read_topic(services.kafka, src):
         e = json.loads(msg.value())
-        rows.append({"entity": f"{e['merchant_id']}/{e['country']}", "ts": e["ts"], "amount": e["amount"],
-                     "partition": msg.partition(), "offset": msg.offset()})
+        rows.append(
+            {
+                "entity": f"{e['merchant_id']}/{e['country']}",
+                "ts": e["ts"],
+                "amount": e["amount"],
+                "partition": msg.partition(),
+                "offset": msg.offset(),
+            }
+        )
     df = pd.DataFrame(rows)
     wanted = [*combos, (3, "DE"), (1, "NL")]  # the last two have no events
     entity_rows = [{"merchant_id": m, "country": c} for m, c in wanted]
     ids = [f"{m}/{c}" for m, c in wanted]
-    got = _store(view, runtime).get_online_features([f"{view.name}:count_events_sl10m"], entity_rows,
-                                                    as_of=ms_dt(int(df["ts"].max())))
+    got = _store(view, runtime).get_online_features(
+        [f"{view.name}:count_events_sl10m"], entity_rows, as_of=ms_dt(int(df["ts"].max()))
+    )
     assert got.entities == entity_rows
     assert got.to_dict()["merchant_id"] == [m for m, _ in wanted]
     assert got.values[f"{view.name}:count_events_sl10m"][-2:] == [0, 0]
@@ -392,7 +426,6 @@ def test_composite_key_values_containing_the_separator_stay_distinct(
     # Two different entities: 3 events of 1.0 and 5 events of 10.0, never merged.
     assert got.values[f"{view.name}:count_events_sl10m"] == [3, 5]
     assert got.values[f"{view.name}:sum_amount_sl10m"] == [3.0, 50.0]
-
 
 
 def _produce_raw(bootstrap: str, topic: str, values: list[bytes], partition: int = 0) -> None:

@@ -56,9 +56,7 @@ def _roundtrip_kafka(bootstrap: str) -> bytes | None:
     producer = Producer({"bootstrap.servers": bootstrap})
     producer.produce(topic, key=b"k", value=b"hello")
     assert producer.flush(10) == 0
-    consumer = Consumer(
-        {"bootstrap.servers": bootstrap, "group.id": "g", "enable.auto.commit": False}
-    )
+    consumer = Consumer({"bootstrap.servers": bootstrap, "group.id": "g", "enable.auto.commit": False})
     try:
         consumer.assign([TopicPartition(topic, 0, 0)])
         deadline = time.monotonic() + 15

@@ -8,6 +8,7 @@ events by the definitions in ``engine/definitions.py`` and ``engine/tiles.py``.
 
 from __future__ import annotations
 
+import itertools
 import pickle
 from dataclasses import dataclass
 
@@ -176,7 +177,7 @@ def splits(draw, n: int) -> list[slice]:
         return []
     cuts = draw(st.sets(st.integers(1, n - 1), max_size=min(n - 1, 8))) if n > 1 else set()
     bounds = [0, *sorted(cuts), n]
-    return [slice(a, b) for a, b in zip(bounds[:-1], bounds[1:], strict=True)]
+    return [slice(a, b) for a, b in itertools.pairwise(bounds)]
 
 
 def apply_batch(state: TileState, ev: Events) -> TileUpdate:
@@ -280,7 +281,7 @@ def test_batch_partials_independent_of_input_order_except_last_ties(ev: Events, 
 def test_last_ties_take_later_event_in_input_order() -> None:
     ev = Events(
         np.array(["a", "a", "a", "a"], dtype=object),
-        np.array([5000, 5000, 4000, 5000], dtype=np.int64),
+        np.array([5800, 5800, 5200, 5800], dtype=np.int64),
         [np.array([1.0, 2.0, 3.0, np.nan]), np.array([np.nan, np.nan, 9.0, np.nan])],
     )
     last_x = Aggregation(function="last", column="x", window="1s")
@@ -402,39 +403,62 @@ def read_times(ev: Events, extra: list[int]) -> list[int]:
     return sorted(t for t in base | set(extra) if t >= 0)
 
 
-def window_values(
-    rows: np.ndarray, agg: Aggregation, t: int
-) -> tuple[float, float]:
+def window_values(rows: np.ndarray, agg: Aggregation, t: int) -> tuple[float, float]:
+    """One entity's value at ``t`` from its tile rows: window_tile_range + combine + finalize."""
     lo, hi, _ = window_tile_range(agg, TILE_MS, np.array([t]))
     sel = rows[(rows[:, TILE] >= lo[0]) & (rows[:, TILE] <= hi[0])]
     partial = combine(LAYOUT, sel, np.zeros(len(sel), dtype=np.int64), 1)
     return float(finalize(LAYOUT, partial, agg)[0]), float(event_time(LAYOUT, partial, agg)[0])
 
 
+def window_partials_from_rows(rows: np.ndarray, agg: Aggregation, times: np.ndarray) -> np.ndarray:
+    """Partials of one entity's stored tiles for every read time at once."""
+    lo, hi, _ = window_tile_range(agg, TILE_MS, times)
+    tiles = rows[:, TILE]
+    pair = (tiles[None, :] >= lo[:, None]) & (tiles[None, :] <= hi[:, None])
+    qi, ri = np.nonzero(pair)
+    return combine(LAYOUT, rows[ri], qi, len(times))
+
+
+def window_partials_from_events(ev: Events, agg: Aggregation, times: np.ndarray) -> np.ndarray:
+    """Partials per read time from tiles of only the events up to that time (sliding heads)."""
+    lo, hi, _ = window_tile_range(agg, TILE_MS, times)
+    tile_no = ev.ts // TILE_MS
+    pair = (tile_no[None, :] >= lo[:, None]) & (tile_no[None, :] <= hi[:, None])
+    pair &= ev.ts[None, :] <= times[:, None]
+    qi, ei = np.nonzero(pair)
+    if len(qi) == 0:
+        return LAYOUT.empty(len(times))
+    keys, tiles = partials_from_events(
+        LAYOUT, (qi << 32) | tile_no[ei], tile_no[ei], ev.ts[ei], [c[ei] for c in ev.cols]
+    )
+    return combine(LAYOUT, tiles, keys >> 32, len(times))
+
+
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(data=st.data(), ev=events(max_size=40), extra=st.lists(st.integers(0, 30_000), max_size=5))
 def test_windows_from_tiles_equal_oracle(data, ev: Events, extra: list[int]) -> None:
     state = incremental_state(ev, data.draw(splits(len(ev))))
-    names = sorted(set(ev.entity.tolist())) + ["nobody"]
+    names = [*sorted(set(ev.entity.tolist())), "nobody"]
+    times = np.array(read_times(ev, extra), dtype=np.int64)
     for window in WINDOWS:
         aggs = aggs_for(window)
-        for t in read_times(ev, extra):
-            for name in names:
-                mine = ev.entity == name
-                truth = mine & in_window(window, ev.ts, t)
-                if window.kind == "sliding":
-                    # the head tile holds only events up to t: aggregate exactly those
-                    upto = ev.take(mine & (ev.ts <= t))
-                    rows = np.array(list(batch_partials(upto).values())).reshape(-1, LAYOUT.width)
-                else:
-                    # hopping windows end at or before t on a tile edge: whole stored tiles,
-                    # including tiles after t, must not leak in
-                    rows = state.tiles_of(name)
-                for agg in aggs:
-                    got, got_ts = window_values(rows, agg, t)
-                    what = f"{agg.feature_name} {name} at t={t}"
-                    assert_feature(got, oracle(ev, truth, agg), agg, what)
-                    np.testing.assert_array_equal(got_ts, oracle_event_time(ev, truth, agg), err_msg=what)
+        for name in names:
+            mine = ev.entity == name
+            if window.kind == "sliding":
+                # the head tile may hold events after t: aggregate only events up to t
+                partial = window_partials_from_events(ev.take(mine), aggs[0], times)
+            else:
+                # hopping windows end at or before t on a tile edge: whole stored tiles,
+                # including tiles after t, must not leak in
+                partial = window_partials_from_rows(state.tiles_of(name), aggs[0], times)
+            truth = [mine & in_window(window, ev.ts, int(t)) for t in times.tolist()]
+            for agg in aggs:
+                what = f"{agg.feature_name} {name} at {times.tolist()}"
+                exp = np.array([oracle(ev, m, agg) for m in truth])
+                assert_feature(finalize(LAYOUT, partial, agg), exp, agg, what)
+                exp_ts = np.array([oracle_event_time(ev, m, agg) for m in truth])
+                np.testing.assert_array_equal(event_time(LAYOUT, partial, agg), exp_ts, err_msg=what)
 
 
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -446,13 +470,15 @@ def test_sliding_from_stored_tiles_exact_at_or_after_newest_event(data, ev: Even
         mine = ev.entity == name
         newest = int(ev.ts[mine].max())
         rows = state.tiles_of(name)
-        for t in (newest, newest + 1, (newest // TILE_MS + 1) * TILE_MS - 1, (newest // TILE_MS + 1) * TILE_MS,
-                  newest + 4_000, newest + 5_000, newest + 6_000):
-            for window in WINDOWS:
-                truth = mine & in_window(window, ev.ts, t)
-                for agg in aggs_for(window):
-                    got, _ = window_values(rows, agg, t)
-                    assert_feature(got, oracle(ev, truth, agg), agg, f"{agg.feature_name} {name} t={t}")
+        edge = (newest // TILE_MS + 1) * TILE_MS
+        times = np.array([newest, newest + 1, edge - 1, edge, newest + 4_000, newest + 5_000, newest + 6_000])
+        for window in WINDOWS:
+            aggs = aggs_for(window)
+            partial = window_partials_from_rows(rows, aggs[0], times)
+            truth = [mine & in_window(window, ev.ts, int(t)) for t in times.tolist()]
+            for agg in aggs:
+                exp = np.array([oracle(ev, m, agg) for m in truth])
+                assert_feature(finalize(LAYOUT, partial, agg), exp, agg, f"{agg.feature_name} {name} {times}")
 
 
 def test_windows_expire_to_zero_and_null() -> None:
@@ -506,12 +532,12 @@ def assert_updates_equal(a: TileUpdate, b: TileUpdate) -> None:
     np.testing.assert_array_equal(a.ops, b.ops)
     np.testing.assert_array_equal(a.rows, b.rows)
     np.testing.assert_array_equal(a.starts, b.starts)
-    assert a.deleted == b.deleted
+    np.testing.assert_array_equal(a.rewrite, b.rewrite)
     assert a.max_ts == b.max_ts
 
 
 @SETTINGS
-@given(data=st.data(), ev=events(min_size=2, max_size=60), retention=st.sampled_from([3_000, 8_000, BIG_RETENTION]))
+@given(data=st.data(), ev=events(min_size=2), retention=st.sampled_from([3_000, 8_000, BIG_RETENTION]))
 def test_tile_state_survives_pickle(data, ev: Events, retention: int) -> None:
     cut = data.draw(st.integers(1, len(ev) - 1))
     state = TileState(LAYOUT, retention)
@@ -530,31 +556,68 @@ def test_tile_state_survives_pickle(data, ev: Events, retention: int) -> None:
         np.testing.assert_array_equal(p1[k], p2[k])
 
 
-def test_eviction_removes_old_tiles_and_reports_them() -> None:
+class OnlineLog:
+    """The online store's per-entity row log, as documented in connectors/redis_store.py:
+    rows are appended, or replace the log where ``rewrite``; the newest row of a tile wins."""
+
+    def __init__(self) -> None:
+        self.log: dict[str, np.ndarray] = {}
+        self.ops: dict[str, int] = {}
+
+    def write(self, u: TileUpdate) -> None:
+        assert len(u.starts) == len(u.entities) + 1
+        assert u.starts[0] == 0 and u.starts[-1] == len(u.rows)
+        for i, name in enumerate(u.entities):
+            block = u.rows[u.starts[i] : u.starts[i + 1]]
+            ops = int(u.ops[i])
+            assert ops >= self.ops.get(name, 0), "ops moved back"
+            self.ops[name] = ops
+            if u.rewrite[i] or name not in self.log:
+                self.log[name] = block.copy()
+            else:
+                self.log[name] = np.concatenate([self.log[name], block])
+
+    def current(self, name: str) -> dict[int, np.ndarray]:
+        out: dict[int, np.ndarray] = {}
+        for row in self.log.get(name, LAYOUT.empty(0)):
+            out[int(row[TILE])] = row
+        return out
+
+
+def test_eviction_removes_old_tiles() -> None:
     state = TileState(LAYOUT, retention_ms=10_000)
+    online = OnlineLog()
     first = Events(
         np.array(["a", "b", "a", "b", "a"], dtype=object),
         np.array([0, 1_000, 2_500, 3_000, 4_999], dtype=np.int64),
         [np.arange(5, dtype=np.float64), np.zeros(5)],
     )
     u1 = apply_batch(state, first)
-    assert u1.deleted == {}
+    online.write(u1)
     assert sorted(state_partials(state)) == [("a", 0), ("a", 2), ("a", 4), ("b", 1), ("b", 3)]
-    ops_a = int(u1.ops[u1.entities.index("a")])
-    assert ops_a == 3
+    assert sorted(u1.entities) == ["a", "b"]
+    assert len(u1) == 2
+    assert int(u1.ops[u1.entities.index("a")]) == 3
+    assert int(u1.ops[u1.entities.index("b")]) == 2
     # far beyond retention: everything older than (100000 - 10000) // 1000 = tile 90 goes
-    second = Events(np.array(["a"], dtype=object), np.array([100_000], dtype=np.int64),
-                    [np.array([1.0]), np.array([1.0])])
+    second = Events(
+        np.array(["a"], dtype=object), np.array([100_000], dtype=np.int64), [np.array([1.0]), np.array([1.0])]
+    )
     u2 = apply_batch(state, second)
-    assert {k: sorted(v) for k, v in u2.deleted.items()} == {"a": [0.0, 2.0, 4.0], "b": [1.0, 3.0]}
+    online.write(u2)
     assert state.tiles_of("b").shape == (0, LAYOUT.width)
     assert state.tiles_of("a")[:, TILE].tolist() == [100.0]
+    assert sorted(state_partials(state)) == [("a", 100)]
     assert u2.entities == ["a"]
     assert int(u2.ops[0]) == 4  # ops keep counting across eviction
-    # a new event for b starts a fresh tile, its ops still count the evicted events
-    third = Events(np.array(["b"], dtype=object), np.array([100_500], dtype=np.int64),
-                   [np.array([2.0]), np.array([np.nan])])
+    # a new event for b starts a fresh tile; its ops still count the evicted events
+    third = Events(
+        np.array(["b"], dtype=object),
+        np.array([100_500], dtype=np.int64),
+        [np.array([2.0]), np.array([np.nan])],
+    )
     u3 = apply_batch(state, third)
+    online.write(u3)
     assert u3.entities == ["b"]
     assert int(u3.ops[0]) == 3
     rows_b = state.tiles_of("b")
@@ -564,6 +627,42 @@ def test_eviction_removes_old_tiles_and_reports_them() -> None:
     s = Aggregation(function="sum", column="x", window=Window.sliding("5s"))
     assert window_values(state.tiles_of("a"), s, 100_000)[0] == 1.0
     assert window_values(state.tiles_of("b"), s, 100_500)[0] == 2.0
+    # and so does the online log, old tiles and all
+    for name, t in (("a", 100_000), ("b", 100_500)):
+        rows = np.array(list(online.current(name).values()))
+        assert window_values(rows, s, t)[0] == window_values(state.tiles_of(name), s, t)[0]
+
+
+def test_log_rewrite_drops_evicted_tiles() -> None:
+    """Appending one new tile per batch, the log is rewritten to the live tiles once it is long."""
+    state = TileState(LAYOUT, retention_ms=5_000)
+    online = OnlineLog()
+    rewrites = 0
+    for i in range(200):
+        ev = Events(
+            np.array(["a"], dtype=object),
+            np.array([i * 1_000], dtype=np.int64),
+            [np.array([float(i)]), np.array([1.0])],
+        )
+        u = apply_batch(state, ev)
+        online.write(u)
+        assert u.entities == ["a"]
+        assert int(u.ops[0]) == i + 1
+        live = state.tiles_of("a")
+        if u.rewrite[0]:
+            rewrites += 1
+            # a rewrite carries exactly the live tiles
+            np.testing.assert_array_equal(u.rows, live)
+        # the log stays bounded by twice the live tiles plus slack
+        assert len(online.log["a"]) <= 2 * len(live) + 16
+        assert len(live) <= 5 + 1 + state.slack_tiles
+        # every live tile's newest log row is its state row
+        current = online.current("a")
+        for row in live:
+            np.testing.assert_array_equal(current[int(row[TILE])], row)
+    assert rewrites > 0
+    # after the last rewrite, evicted tiles are gone from the log too
+    assert min(online.current("a")) >= (199_000 - 5_000) // 1_000 - state.slack_tiles - 16
 
 
 @st.composite
@@ -571,14 +670,19 @@ def advancing_stream(draw) -> list[Events]:
     """Batches whose times mostly advance, with some stragglers, over several retentions."""
     out = []
     now = 0
-    for _ in range(draw(st.integers(1, 12))):
+    for _ in range(draw(st.integers(1, 15))):
         now += draw(st.integers(0, 9_000))
         n = draw(st.integers(1, 12))
         ent = draw(st.lists(st.sampled_from(ENTITIES), min_size=n, max_size=n))
         ts = [max(0, now - draw(st.integers(0, 4_000))) for _ in range(n)]
         cols = [draw(st.lists(values, min_size=n, max_size=n)) for _ in COLUMNS]
-        out.append(Events(np.array(ent, dtype=object), np.array(ts, dtype=np.int64),
-                          [np.array(c, dtype=np.float64) for c in cols]))
+        out.append(
+            Events(
+                np.array(ent, dtype=object),
+                np.array(ts, dtype=np.int64),
+                [np.array(c, dtype=np.float64) for c in cols],
+            )
+        )
     return out
 
 
@@ -586,43 +690,57 @@ def advancing_stream(draw) -> list[Events]:
 @given(stream=advancing_stream(), retention=st.sampled_from([2_000, 5_000, 20_000]))
 def test_eviction_invariants(stream: list[Events], retention: int) -> None:
     state = TileState(LAYOUT, retention)
+    online = OnlineLog()
     applied: dict[str, int] = {}
-    last_ops: dict[str, int] = {}
     max_ts = -np.inf
+    seen: list[Events] = []
     for batch in stream:
         before = set(state_partials(state))
         u = apply_batch(state, batch)
+        online.write(u)
+        seen.append(batch)
         max_ts = max(max_ts, float(batch.ts.max()))
         horizon = (max_ts - retention) // TILE_MS
         after = set(state_partials(state))
-        new_keys = {(e, int(t)) for e, t in zip(batch.entity.tolist(), (batch.ts // TILE_MS).tolist(),
-                                                 strict=True)}
-        for name, tiles in u.deleted.items():
-            for t in tiles:
-                assert (name, int(t)) not in after, "deleted tile still in state"
-                assert (name, int(t)) in before | new_keys, "deleted a tile that never existed"
-                assert t < horizon, "evicted a tile inside retention"
-        # nothing that was live disappears silently
+        new_keys = {
+            (e, int(t)) for e, t in zip(batch.entity.tolist(), (batch.ts // TILE_MS).tolist(), strict=True)
+        }
         gone = (before | new_keys) - after
-        reported = {(n, int(t)) for n, ts in u.deleted.items() for t in ts}
-        assert gone == reported
+        # only tiles behind the horizon are evicted, and then all of them
+        assert all(t < horizon for _, t in gone), "evicted a tile inside retention"
+        assert {k for k in before | new_keys if k[1] >= horizon} <= after
         # nothing older than horizon - slack survives
         assert all(t >= horizon - state.slack_tiles for _, t in after)
-        # tiles inside retention are all there
-        assert {k for k in before | new_keys if k[1] >= horizon} <= after
-        # ops: monotonic and equal to the events applied per entity
+        # ops: monotonic (checked by OnlineLog) and equal to the events applied per entity
         for name in batch.entity.tolist():
             applied[name] = applied.get(name, 0) + 1
         for name, ops in zip(u.entities, u.ops.tolist(), strict=True):
-            assert ops >= last_ops.get(name, 0)
             assert ops == applied[name]
-            last_ops[name] = ops
         assert sorted(u.entities) == sorted(set(batch.entity.tolist()))
         assert u.max_ts == max_ts
-        # changed rows come grouped by entity, in order
+        # changed rows come grouped by entity: appends are exactly the changed tiles,
+        # rewrites exactly the live ones
         for i, name in enumerate(u.entities):
             block = u.rows[u.starts[i] : u.starts[i + 1]]
-            assert len(block) > 0
             got = {int(r[TILE]) for r in block}
-            exp = {int(t) for e, t in new_keys if e == name}
-            assert got == exp
+            assert len(got) == len(block)
+            if u.rewrite[i]:
+                assert got == {t for e, t in after if e == name}
+            else:
+                assert got == {t for e, t in new_keys if e == name}
+        # every live tile's newest online row equals the state's row, and equals the batch
+        # partial of all events of that (entity, tile) so far
+        everything = Events(
+            np.concatenate([b.entity for b in seen]),
+            np.concatenate([b.ts for b in seen]),
+            [np.concatenate([b.cols[c] for b in seen]) for c in range(len(COLUMNS))],
+        )
+        truth = batch_partials(everything)
+        parts = state_partials(state)
+        for key in after:
+            row = parts[key]
+            np.testing.assert_array_equal(online.current(key[0])[key[1]], row)
+            if key[1] >= horizon:  # so never evicted and re-created
+                assert_rows_close(row, truth[key], f"state vs all events {key}")
+        for name in online.log:
+            assert state.logged[state.entity_index[name]] == len(online.log[name])
