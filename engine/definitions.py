@@ -15,11 +15,20 @@ from datetime import timedelta
 from functools import cached_property
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, TypeAdapter, ValidationError, field_validator, model_validator
 
 from engine.errors import DefinitionError
 
-__all__ = ["Aggregation", "Entity", "EventSource", "FeatureView", "Field", "Window", "parse_duration"]
+__all__ = [
+    "Aggregation",
+    "DriftThresholds",
+    "Entity",
+    "EventSource",
+    "FeatureView",
+    "Field",
+    "Window",
+    "parse_duration",
+]
 
 _NAME = re.compile(r"^[a-z][a-z0-9_]{0,62}$")
 _FIELD = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,127}$")
@@ -28,6 +37,7 @@ _UNITS = {"ms": 1, "s": 1000, "m": 60_000, "h": 3_600_000, "d": 86_400_000, "w":
 NUMERIC = frozenset({"int", "float", "bool"})
 MAX_TILES_PER_WINDOW = 10_000
 FUNCTIONS = ("count", "sum", "mean", "min", "max", "last", "stddev")
+_ISO_DURATION = TypeAdapter(timedelta)
 
 
 def parse_duration(value: Any) -> timedelta:
@@ -40,6 +50,11 @@ def parse_duration(value: Any) -> timedelta:
         m = _DURATION.match(value)
         if m:
             return timedelta(milliseconds=int(m.group(1)) * _UNITS[m.group(2)])
+        if value.startswith(("P", "-P")):  # ISO 8601, as definitions are stored
+            try:
+                return _ISO_DURATION.validate_python(value)
+            except ValidationError:
+                pass
     raise ValueError(
         f"cannot read {value!r} as a duration; use a timedelta or a string like '30s', '10m', '1h', '1d'"
     )
@@ -236,6 +251,25 @@ class Window(_Definition):
         return f"{format_duration(self.size)}_every_{format_duration(self.hop_or_size)}"
 
 
+class DriftThresholds(_Definition):
+    """When a feature's live distribution counts as drifted from its training baseline.
+
+    PSI (population stability index) and KS (Kolmogorov-Smirnov distance) at or above ``*_warn``
+    warn, at or above ``*_alert`` alert. Monitoring settings: they do not change the version.
+    """
+
+    psi_warn: float = 0.1
+    psi_alert: float = 0.25
+    ks_warn: float = 0.1
+    ks_alert: float = 0.2
+
+    @model_validator(mode="after")
+    def _order(self) -> DriftThresholds:
+        if not 0 < self.psi_warn <= self.psi_alert or not 0 < self.ks_warn <= self.ks_alert:
+            raise ValueError("thresholds must be positive with warn <= alert")
+        return self
+
+
 class Aggregation(_Definition):
     """One feature: ``function`` of ``column`` over ``window``. ``count`` without a column counts events."""
 
@@ -243,6 +277,7 @@ class Aggregation(_Definition):
     column: str | None = None
     window: Window
     name: str | None = None
+    drift: DriftThresholds = DriftThresholds()
 
     @field_validator("window", mode="before")
     @classmethod

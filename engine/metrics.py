@@ -22,6 +22,18 @@ WATERMARK = Gauge(
 )
 
 
+DRIFT_PSI = Gauge(
+    "featurestream_drift_psi",
+    "Latest PSI of a feature's live distribution vs its baseline",
+    ["view", "feature"],
+)
+DRIFT_KS = Gauge(
+    "featurestream_drift_ks",
+    "Latest KS distance of a feature's live distribution vs its baseline",
+    ["view", "feature"],
+)
+
+
 def total(counter: Counter, **labels: str) -> float:
     """Sum of a counter over every label set matching ``labels``."""
     out = 0.0

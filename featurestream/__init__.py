@@ -4,7 +4,15 @@ Define features with :class:`FeatureView`; run them with ``featurestream run``; 
 :class:`FeatureStore` (online from Redis, training sets from Delta Lake).
 """
 
-from engine.definitions import Aggregation, Entity, EventSource, FeatureView, Field, Window
+from engine.definitions import (
+    Aggregation,
+    DriftThresholds,
+    Entity,
+    EventSource,
+    FeatureView,
+    Field,
+    Window,
+)
 from engine.errors import DefinitionError, FeaturestreamError, ServiceUnavailable, StoreError
 from featurestream.client import FeatureStore, OnlineFeatures
 from featurestream.config import Settings
@@ -12,6 +20,7 @@ from featurestream.config import Settings
 __all__ = [
     "Aggregation",
     "DefinitionError",
+    "DriftThresholds",
     "Entity",
     "EventSource",
     "FeatureStore",

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 import os
 import subprocess
 import sys
@@ -193,6 +194,10 @@ def services_status() -> None:
 
     for kind, info in embedded_status(Settings()).items():
         console.print(f"{kind}: {info}")
+
+
+for _area in ("registry", "lineage", "drift"):
+    importlib.import_module(f"featurestream.cli_{_area}").register(app)
 
 
 if __name__ == "__main__":

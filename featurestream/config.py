@@ -38,6 +38,12 @@ class Settings(BaseSettings):
         default=Path(".featurestream"), description="embedded services' data and pid files"
     )
     redis_prefix: str = Field(default="fs", description="prefix of every online-store key")
+    registry_url: str | None = Field(
+        default=None, description="sqlite:///path or postgresql://...; unset: <state_dir>/registry.db"
+    )
+    metrics_port: int = Field(
+        default=9464, description="worker /metrics and /healthz port (+ process id); 0 disables"
+    )
     bounded: bool = Field(
         default=False, description="stop at each partition's end offset as of start (backfills)"
     )
@@ -55,6 +61,9 @@ class Settings(BaseSettings):
             settings_cls, toml_file=os.environ.get("FEATURESTREAM_CONFIG", "featurestream.toml")
         )
         return init_settings, env_settings, toml
+
+    def resolved_registry_url(self) -> str:
+        return self.registry_url or f"sqlite:///{(self.state_dir / 'registry.db').resolve()}"
 
     def resolved_delta_uri(self) -> str:
         return self.delta_uri or str((self.state_dir / "delta").resolve())

@@ -1,0 +1,9 @@
+"""Drift commands: baselines and drift reports."""
+
+from __future__ import annotations
+
+import typer
+
+
+def register(app: typer.Typer) -> None:
+    """Add this area's commands to the ``featurestream`` app."""

@@ -1,0 +1,9 @@
+"""Registry commands: plan, apply, versions, deprecate, retire."""
+
+from __future__ import annotations
+
+import typer
+
+
+def register(app: typer.Typer) -> None:
+    """Add this area's commands to the ``featurestream`` app."""
