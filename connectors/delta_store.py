@@ -46,11 +46,19 @@ class DeltaOfflineStore:
     def table_uri(self, view: str, version: str) -> str:
         return f"{self.root}/{view}__{version}"
 
-    def _open(self, uri: str) -> DeltaTable | None:
+    def _open(self, uri: str, version: int | None = None) -> DeltaTable | None:
         try:
-            return DeltaTable(uri, storage_options=self.storage_options)
+            return DeltaTable(uri, version=version, storage_options=self.storage_options)
         except TableNotFoundError:
+            if version is not None:
+                raise StoreError(
+                    f"Delta table {uri} does not exist, so it has no version {version}"
+                ) from None
             return None
+        except Exception as exc:
+            if version is None:
+                raise
+            raise StoreError(f"cannot read Delta table {uri} at version {version}: {exc}") from exc
 
     def committed_offsets(self, uri: str, app_ids: list[str]) -> dict[str, int]:
         table = self._open(uri)
@@ -108,9 +116,14 @@ class DeltaOfflineStore:
         start: datetime | None = None,
         end: datetime | None = None,
         columns: list[str] | None = None,
+        version: int | None = None,
     ) -> pa.Table | None:
-        """Stored events, optionally only some entities and event times in ``[start, end]``."""
-        table = self._open(uri)
+        """Stored events, optionally only some entities and event times in ``[start, end]``.
+
+        With ``version``, the table as of that Delta version (its state when that commit was the
+        newest), so a read is repeatable however many appends follow.
+        """
+        table = self._open(uri, version)
         if table is None:
             return None
         filters = []

@@ -13,6 +13,8 @@ so any worker count or process count works with the same state layout.
 from __future__ import annotations
 
 import copy
+import signal
+import threading
 import zlib
 from dataclasses import dataclass
 from typing import Any
@@ -26,11 +28,19 @@ from pydantic import BaseModel, ConfigDict
 
 from connectors.delta_store import DeltaOfflineStore
 from engine.definitions import FeatureView, duration_ms
-from engine.flow_io import DeadLetterSink, DecodingKafkaSource, OfflineSink, OnlineSink, SourceBatch
-from engine.state import TileState, TileUpdate
+from engine.flow_io import (
+    DeadLetterSink,
+    DecodingKafkaSource,
+    OfflineSink,
+    OnlineSink,
+    SourceBatch,
+    TimedUpdate,
+    request_stop,
+)
+from engine.state import TileState
 from engine.tiles import TileLayout
 
-__all__ = ["RuntimeConfig", "build_dataflow", "run_dataflow"]
+__all__ = ["RuntimeConfig", "build_dataflow", "request_stop", "run_dataflow", "stop_on_signals"]
 
 
 class RuntimeConfig(BaseModel):
@@ -60,6 +70,7 @@ class ShardEvents:
     codes: np.ndarray
     ts: np.ndarray
     columns: list[np.ndarray]
+    read_at: float = 0.0  # when the batch was read from Kafka (wall clock)
 
 
 def shard_of(entity: str, shards: int) -> int:
@@ -89,24 +100,25 @@ def split_shards(batch: SourceBatch, shards: int) -> list[tuple[str, ShardEvents
                     codes=local,
                     ts=batch.ts[idx],
                     columns=[c[idx] for c in batch.columns],
+                    read_at=batch.read_at,
                 ),
             )
         )
     return out
 
 
-class TileLogic(StatefulBatchLogic[ShardEvents, TileUpdate, TileState]):
-    """Keeps one shard's tiles; emits the tiles each batch changed."""
+class TileLogic(StatefulBatchLogic[ShardEvents, TimedUpdate, TileState]):
+    """Keeps one shard's tiles; emits the tiles each batch changed, with the batch's read time."""
 
     def __init__(self, state: TileState) -> None:
         self.state = state
 
-    def on_batch(self, values: list[ShardEvents]) -> tuple[list[TileUpdate], bool]:
+    def on_batch(self, values: list[ShardEvents]) -> tuple[list[TimedUpdate], bool]:
         out = []
         for ev in values:
             update = self.state.apply(ev.keys, ev.codes, ev.ts, ev.columns)
             if update.entities:
-                out.append(update)
+                out.append(TimedUpdate(update, ev.read_at))
         return out, StatefulBatchLogic.RETAIN
 
     def snapshot(self) -> TileState:
@@ -161,8 +173,17 @@ def build_dataflow(views: list[FeatureView], runtime: RuntimeConfig, name: str =
     return flow
 
 
+def stop_on_signals() -> None:
+    """Make SIGINT and SIGTERM end the dataflow cleanly: sources stop, sinks flush, run returns."""
+    if threading.current_thread() is not threading.main_thread():
+        return
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda _signum, _frame: request_stop())
+
+
 def run_dataflow(flow: Dataflow, workers: int = 1) -> None:
     """Run in this process with ``workers`` threads; returns when every source has ended."""
     from bytewax._bytewax import cli_main
 
+    stop_on_signals()
     cli_main(flow, workers_per_process=workers)

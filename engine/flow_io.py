@@ -8,7 +8,9 @@ watermark.
 
 from __future__ import annotations
 
+import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
@@ -23,12 +25,50 @@ from connectors.kafka import DeadLetterProducer, PartitionReader, partition_coun
 from connectors.redis_store import RedisOnlineStore
 from engine.decode import DeadLetter, EventDecoder, Reason
 from engine.definitions import FeatureView, duration_ms, format_duration
-from engine.metrics import DEAD_LETTERS, EVENTS_ACCEPTED, EVENTS_IN, WATERMARK
+from engine.metrics import (
+    BATCH_LATENCY,
+    CONSUMER_LAG,
+    DEAD_LETTERS,
+    EVENTS_ACCEPTED,
+    EVENTS_IN,
+    FRESHNESS,
+    LATE_EVENTS,
+    STORE_WRITE_ERRORS,
+    STORE_WRITE_SECONDS,
+    WATERMARK,
+)
+from engine.observe import HEALTH
 from engine.state import TileUpdate
 from engine.tiles import TileLayout
 from engine.writer import BackgroundWriter
 
 _NO_TS = -(2.0**62)
+
+STOP = threading.Event()
+"""Set to end every source at its current position; sinks then flush and the dataflow returns."""
+
+
+def request_stop() -> None:
+    """End the running dataflow cleanly (as on SIGTERM): no event is half-written."""
+    STOP.set()
+
+
+def _instrument(store: str, view: str, write: Callable[[list[Any]], object]) -> Callable[[list[Any]], None]:
+    """``write``, timed; a failure is counted and reported to the health registry, then re-raised."""
+    seconds = STORE_WRITE_SECONDS.labels(store=store, view=view)
+    errors = STORE_WRITE_ERRORS.labels(store=store, view=view)
+
+    def timed(items: list[Any]) -> None:
+        start = time.perf_counter()
+        try:
+            write(items)
+        except Exception as exc:
+            errors.inc()
+            HEALTH.writer_failed(f"{store}:{view}", exc)
+            raise
+        seconds.observe(time.perf_counter() - start)
+
+    return timed
 
 
 @dataclass
@@ -45,6 +85,7 @@ class SourceBatch:
     text: dict[str, list[str | None]] = field(default_factory=dict)
     read: int = 0
     watermark: float = _NO_TS
+    read_at: float = 0.0  # wall-clock time the batch came from Kafka (for the latency histogram)
 
     def rows(self, columns: tuple[str, ...]) -> pa.Table:
         """The accepted events as offline-store rows."""
@@ -88,11 +129,18 @@ class _DecodingPartition(StatefulSourcePartition[SourceBatch, dict]):
         self._in = EVENTS_IN.labels(**labels)
         self._wm = WATERMARK.labels(**labels)
         self._ok = EVENTS_ACCEPTED.labels(view=view.name)
+        self._late = LATE_EVENTS.labels(view=view.name)
+        self._lag = CONSUMER_LAG.labels(**labels)
+        self._key = (view.name, reader.topic, reader.partition)
+        HEALTH.source_polled(*self._key)
 
     def next_batch(self) -> list[SourceBatch]:
-        if self.reader.at_end:
+        if self.reader.at_end or STOP.is_set():
             raise StopIteration
         raw = self.reader.read(self.batch_size, self.poll_timeout)
+        read_at = time.time()
+        HEALTH.source_polled(*self._key)
+        self._lag.set(self.reader.lag())
         if raw is None:
             return []
         dec = self.decoder.decode(raw.values)
@@ -107,6 +155,7 @@ class _DecodingPartition(StatefulSourcePartition[SourceBatch, dict]):
             late = ts < seen[:-1] - self.lateness
             self.max_ts = float(seen[-1])
             if late.any():
+                self._late.inc(int(late.sum()))
                 lag = format_duration(self.view.allowed_lateness)
                 for j in np.flatnonzero(late).tolist():
                     i = int(dec.index[j])
@@ -151,6 +200,7 @@ class _DecodingPartition(StatefulSourcePartition[SourceBatch, dict]):
                 text=text,
                 read=len(raw.values),
                 watermark=self.max_ts - self.lateness,
+                read_at=read_at,
             )
         ]
 
@@ -158,6 +208,7 @@ class _DecodingPartition(StatefulSourcePartition[SourceBatch, dict]):
         return {"offset": self.reader.position, "max_ts": self.max_ts}
 
     def close(self) -> None:
+        HEALTH.source_closed(*self._key)
         self.reader.close()
 
 
@@ -229,30 +280,52 @@ class DeadLetterSink(DynamicSink[DeadLetter]):
 
 
 class _OfflinePartition(StatelessSinkPartition[pa.Table]):
+    """Buffers rows; flushes by size, by age on arrival, and by age on a timer when the stream is
+    quiet (Bytewax calls ``write_batch`` only when rows arrive)."""
+
     def __init__(self, store: DeltaOfflineStore, view: FeatureView, rows: int, seconds: float) -> None:
         uri = store.table_uri(view.name, view.version)
         app = f"{view.name}:{view.version}"
         self.writer: BackgroundWriter[pa.Table] = BackgroundWriter(
-            lambda tables: store.append(uri, pa.concat_tables(tables), app), depth=2, name="offline-writer"
+            _instrument("delta", view.name, lambda tables: store.append(uri, pa.concat_tables(tables), app)),
+            depth=2,
+            name="offline-writer",
         )
         self.flush_rows = rows
         self.flush_seconds = seconds
         self.buffer: list[pa.Table] = []
         self.buffered = 0
         self.since = time.monotonic()
+        self.lock = threading.Lock()
+        self.closed = threading.Event()
+        self.timer = threading.Thread(target=self._tick, name="offline-flush", daemon=True)
+        self.timer.start()
 
     def write_batch(self, items: list[pa.Table]) -> None:
-        self.buffer.extend(items)
-        self.buffered += sum(t.num_rows for t in items)
-        if self.buffered >= self.flush_rows or time.monotonic() - self.since >= self.flush_seconds:
+        with self.lock:
+            self.buffer.extend(items)
+            self.buffered += sum(t.num_rows for t in items)
+            due = self.buffered >= self.flush_rows or time.monotonic() - self.since >= self.flush_seconds
+        if due:
             self.flush()
 
     def flush(self) -> None:
-        if self.buffer:
-            self.writer.submit([pa.concat_tables(self.buffer)])
-        self.buffer, self.buffered, self.since = [], 0, time.monotonic()
+        with self.lock:
+            tables, self.buffer, self.buffered, self.since = self.buffer, [], 0, time.monotonic()
+            if tables:
+                self.writer.submit([pa.concat_tables(tables)])
+
+    def _tick(self) -> None:
+        while not self.closed.wait(max(0.05, self.flush_seconds / 2)):
+            if self.buffer and time.monotonic() - self.since >= self.flush_seconds:
+                try:
+                    self.flush()
+                except Exception:  # a writer error is raised to the dataflow on its next call
+                    return
 
     def close(self) -> None:
+        self.closed.set()
+        self.timer.join()
         self.flush()
         self.writer.close()
 
@@ -270,19 +343,43 @@ class OfflineSink(DynamicSink[pa.Table]):
         return _OfflinePartition(*self.args)
 
 
-class _OnlinePartition(StatelessSinkPartition[TileUpdate]):
+@dataclass(frozen=True)
+class TimedUpdate:
+    """A tile update and the wall-clock time its source batch was read from Kafka."""
+
+    update: TileUpdate
+    read_at: float
+
+
+class _OnlinePartition(StatelessSinkPartition[TimedUpdate | TileUpdate]):
     def __init__(self, url: str, prefix: str, view: FeatureView) -> None:
         self.store = RedisOnlineStore(url, prefix)
         namespace = self.store.namespace(view.name, view.version)
         ttl_ms = duration_ms(view.effective_ttl)
         row_bytes = TileLayout.of(view).row_bytes
-        self.writer: BackgroundWriter[TileUpdate] = BackgroundWriter(
-            lambda updates: self.store.write(namespace, updates, ttl_ms, row_bytes),
-            depth=4,
-            name="online-writer",
+        self._write = _instrument(
+            "redis", view.name, lambda updates: self.store.write(namespace, updates, ttl_ms, row_bytes)
+        )
+        self._latency = BATCH_LATENCY.labels(view=view.name)
+        self._freshness = FRESHNESS.labels(view=view.name)
+        self.writer: BackgroundWriter[TimedUpdate | TileUpdate] = BackgroundWriter(
+            self._write_timed, depth=4, name="online-writer"
         )
 
-    def write_batch(self, items: list[TileUpdate]) -> None:
+    def _write_timed(self, items: list[TimedUpdate | TileUpdate]) -> None:
+        self._write([i.update if isinstance(i, TimedUpdate) else i for i in items])
+        done = time.time()
+        # One observation per source batch in this write (a batch spans several shards).
+        newest: dict[float | None, float] = {}
+        for item in items:
+            read_at, update = (item.read_at, item.update) if isinstance(item, TimedUpdate) else (None, item)
+            newest[read_at] = max(newest.get(read_at, update.max_ts), update.max_ts)
+        for read_at, max_ts in newest.items():
+            if read_at is not None:
+                self._latency.observe(done - read_at)
+            self._freshness.observe(done - max_ts / 1000)
+
+    def write_batch(self, items: list[TimedUpdate | TileUpdate]) -> None:
         self.writer.submit(items)
 
     def close(self) -> None:
@@ -290,7 +387,7 @@ class _OnlinePartition(StatelessSinkPartition[TileUpdate]):
         self.store.client.close()
 
 
-class OnlineSink(DynamicSink[TileUpdate]):
+class OnlineSink(DynamicSink[TimedUpdate | TileUpdate]):
     """Changed tiles to Redis, written off the dataflow thread in submission order.
 
     Delivery: effectively-once per entity (compare-and-set on the entity's event count).

@@ -1,10 +1,33 @@
-"""Prometheus metrics of the dataflow (names follow Prometheus conventions)."""
+"""Prometheus metrics of the dataflow (names follow Prometheus conventions).
+
+Labels are bounded: a view, a source topic and partition, a dead-letter reason, a store, a
+feature. Never an entity.
+"""
 
 from __future__ import annotations
 
-from prometheus_client import Counter, Gauge
+from prometheus_client import Counter, Gauge, Histogram
 
-__all__ = ["DEAD_LETTERS", "EVENTS_ACCEPTED", "EVENTS_IN", "WATERMARK", "total"]
+__all__ = [
+    "BATCH_LATENCY",
+    "CONSUMER_LAG",
+    "DEAD_LETTERS",
+    "DRIFT_KS",
+    "DRIFT_PSI",
+    "EVENTS_ACCEPTED",
+    "EVENTS_IN",
+    "FRESHNESS",
+    "LATE_EVENTS",
+    "STORE_WRITE_ERRORS",
+    "STORE_WRITE_SECONDS",
+    "WATERMARK",
+    "total",
+]
+
+# 1 ms .. 30 s: a micro-batch normally takes milliseconds; seconds mean back-pressure.
+LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
+# Freshness also includes the time an event took to reach Kafka, so it reaches further.
+FRESHNESS_BUCKETS = (*LATENCY_BUCKETS, 60.0, 300.0, 900.0, 3600.0)
 
 EVENTS_IN = Counter(
     "featurestream_events_in", "Messages read from a source topic", ["view", "topic", "partition"]
@@ -15,10 +38,43 @@ EVENTS_ACCEPTED = Counter(
 DEAD_LETTERS = Counter(
     "featurestream_dead_letters", "Events sent to the dead-letter topic", ["view", "reason"]
 )
+LATE_EVENTS = Counter(
+    "featurestream_late_events",
+    "Events older than the watermark (also counted as dead letters with reason=late)",
+    ["view"],
+)
 WATERMARK = Gauge(
     "featurestream_watermark_seconds",
     "Event-time watermark per source partition (newest event time minus allowed lateness)",
     ["view", "topic", "partition"],
+)
+CONSUMER_LAG = Gauge(
+    "featurestream_consumer_lag_messages",
+    "Messages between the read position and the partition's end (as of the latest fetch)",
+    ["view", "topic", "partition"],
+)
+BATCH_LATENCY = Histogram(
+    "featurestream_batch_latency_seconds",
+    "From reading a micro-batch from Kafka to its tiles being written to Redis",
+    ["view"],
+    buckets=LATENCY_BUCKETS,
+)
+FRESHNESS = Histogram(
+    "featurestream_feature_freshness_seconds",
+    "Online write completion time minus the newest event time of the written tiles",
+    ["view"],
+    buckets=FRESHNESS_BUCKETS,
+)
+STORE_WRITE_SECONDS = Histogram(
+    "featurestream_store_write_seconds",
+    "Duration of one online (redis) or offline (delta) store write",
+    ["store", "view"],
+    buckets=LATENCY_BUCKETS,
+)
+STORE_WRITE_ERRORS = Counter(
+    "featurestream_store_write_errors",
+    "Failed online (redis) or offline (delta) store writes",
+    ["store", "view"],
 )
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib
 import os
+import signal
 import subprocess
 import sys
 from datetime import UTC, datetime
@@ -53,7 +54,7 @@ def run(
     """Run a pipeline's feature views as a Bytewax dataflow (until stopped, or to the end with --bounded)."""
     from engine.dataflow import build_dataflow, run_dataflow
     from featurestream.config import Settings
-    from featurestream.runtime import load_views, prepare_topics, runtime_config
+    from featurestream.runtime import load_views, metrics_port, prepare_topics, runtime_config, start_metrics
 
     try:
         views = load_views(pipeline)
@@ -65,14 +66,24 @@ def run(
             f"with {processes} process(es) x {workers} worker(s)"
         )
         if processes == 1:
-            run_dataflow(build_dataflow(views, runtime), workers=workers)
+            flow = build_dataflow(views, runtime)
+            port = start_metrics(settings)
+            if port:
+                console.print(
+                    f"metrics: http://localhost:{port}/metrics, health: http://localhost:{port}/healthz"
+                )
+            run_dataflow(flow, workers=workers)
             return
-        _run_processes(pipeline, runtime, workers, processes)
+        base = metrics_port(settings, 0)
+        if base:
+            urls = ", ".join(f"http://localhost:{base + i}/metrics" for i in range(processes))
+            console.print(f"metrics (one per process, /healthz alongside): {urls}")
+        _run_processes(pipeline, runtime, workers, processes, base)
     except FeaturestreamError as exc:
         raise _fail(exc) from None
 
 
-def _run_processes(pipeline: Path, runtime: object, workers: int, processes: int) -> None:
+def _run_processes(pipeline: Path, runtime: object, workers: int, processes: int, metrics: int = 0) -> None:
     from featurestream.services import _free_port
 
     addresses = ";".join(f"127.0.0.1:{_free_port()}" for _ in range(processes))
@@ -82,6 +93,8 @@ def _run_processes(pipeline: Path, runtime: object, workers: int, processes: int
         "FEATURESTREAM_REDIS_URL": runtime.redis_url,  # type: ignore[attr-defined]
         "FEATURESTREAM_DELTA_URI": runtime.delta_uri,  # type: ignore[attr-defined]
         "FEATURESTREAM_BOUNDED": "true" if runtime.stop_at_end else "false",  # type: ignore[attr-defined]
+        # Process i serves metrics on metrics + i (featurestream.runtime.metrics_port).
+        "FEATURESTREAM_METRICS_PORT": str(metrics),
     }
     procs = [
         subprocess.Popen(
@@ -97,10 +110,18 @@ def _run_processes(pipeline: Path, runtime: object, workers: int, processes: int
                 "-a",
                 addresses,
             ],
-            env=env,
+            env={**env, "BYTEWAX_PROCESS_ID": str(i)},
         )
         for i in range(processes)
     ]
+
+    def forward(signum: int, _frame: object) -> None:
+        for p in procs:
+            if p.poll() is None:
+                p.send_signal(signum)
+
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, forward)
     codes = [p.wait() for p in procs]
     if any(codes):
         raise typer.Exit(code=max(codes))

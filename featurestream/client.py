@@ -2,23 +2,34 @@
 
 from __future__ import annotations
 
+import hashlib
+import io
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Any
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
+import pyarrow.fs as pafs
+import pyarrow.parquet as pq
 
 from connectors.delta_store import DeltaOfflineStore, event_schema
 from connectors.redis_store import RedisOnlineStore
 from engine.decode import entity_id
 from engine.definitions import Aggregation, FeatureView
-from engine.errors import DefinitionError, FeaturestreamError
+from engine.errors import DefinitionError, FeaturestreamError, StoreError
 from engine.reads import online_values, point_in_time_values
 
-__all__ = ["FeatureStore", "OnlineFeatures"]
+if TYPE_CHECKING:
+    from registry.core import Registry
+    from registry.versions import ViewVersion
+
+__all__ = ["TRAINING_SET_ID", "FeatureStore", "OnlineFeatures"]
+
+TRAINING_SET_ID = b"featurestream.training_set_id"  # schema metadata key of recorded training sets
 
 
 @dataclass(frozen=True)
@@ -67,23 +78,8 @@ class FeatureStore:
         """``["view:feature", "view"]`` -> aggregations per view (a bare view means all its features)."""
         key = tuple(features)
         if key not in self._resolved:
-            self._resolved[key] = self._resolve_uncached(features)
+            self._resolved[key] = _resolve(self.views, features)
         return self._resolved[key]
-
-    def _resolve_uncached(self, features: Sequence[str]) -> dict[str, list[Aggregation]]:
-        out: dict[str, list[Aggregation]] = {}
-        for ref in features:
-            view_name, _, feat = ref.partition(":")
-            view = self.views.get(view_name)
-            if view is None:
-                raise DefinitionError(
-                    f"unknown feature view {view_name!r} in {ref!r}; known views: {sorted(self.views)}"
-                )
-            aggs = out.setdefault(view_name, [])
-            for agg in view.aggregations if not feat else [view.aggregation(feat)]:
-                if all(a is not agg for a in aggs):
-                    aggs.append(agg)
-        return out
 
     @staticmethod
     def _entity_ids(view: FeatureView, rows: list[dict[str, Any]]) -> list[str]:
@@ -141,47 +137,195 @@ class FeatureStore:
         features: Sequence[str],
         *,
         timestamp_column: str = "event_timestamp",
+        registry: Registry | None = None,
+        name: str = "",
     ) -> pa.Table:
         """``entity_df`` plus one column per feature, each as of its row's timestamp.
 
         ``entity_df`` is a pyarrow Table or pandas DataFrame with the views' join keys and a
         timezone-aware ``timestamp_column``. No value uses an event after its row's timestamp.
+
+        With a ``registry``, the training set is recorded for lineage: the view versions (each
+        must have been applied), the Delta table version read per view, and a Parquet snapshot
+        of ``entity_df`` under ``<delta root>/_training_sets/``. The returned table's schema
+        metadata ``featurestream.training_set_id`` names the record, and
+        :meth:`reproduce_training_set` rebuilds the identical table from it.
         """
         table = (
             entity_df
             if isinstance(entity_df, pa.Table)
             else pa.Table.from_pandas(entity_df, preserve_index=False)
         )
-        if timestamp_column not in table.column_names:
-            raise FeaturestreamError(
-                f"entity_df has no column {timestamp_column!r}; add it or pass timestamp_column="
-            )
-        ts_type = table.schema.field(timestamp_column).type
-        if not pa.types.is_timestamp(ts_type) or ts_type.tz is None:
-            raise FeaturestreamError(
-                f"entity_df[{timestamp_column!r}] must be a timezone-aware timestamp (got {ts_type}); "
-                "convert it, e.g. pandas: df[col] = df[col].dt.tz_localize('UTC')"
-            )
-        at_ms = pc.cast(table.column(timestamp_column), pa.timestamp("ms", "UTC")).cast(pa.int64()).to_numpy()
         wanted = self._resolve(features)
-        out = table
-        for view_name, aggs in wanted.items():
+        applied = [] if registry is None else self._applied_versions(registry, wanted)
+        uris = {n: _absolute(self.offline.table_uri(n, self.views[n].version)) for n in wanted}
+        if registry is None:
+            return _training_table(self.offline, self.views, wanted, table, timestamp_column, uris, None)
+        # Pin each table at its current version and read exactly that version: later appends
+        # can then never change what this training set contains.
+        pins = {n: self.offline.version(uri) for n, uri in uris.items()}
+        out = _training_table(self.offline, self.views, wanted, table, timestamp_column, uris, pins)
+        from registry.lineage import record_training_set
+
+        entity_uri, sha = _write_snapshot(self.offline.root, table)
+        record = record_training_set(
+            registry,
+            name=name,
+            features=out.column_names[table.num_columns :],
+            view_version_ids=[v.id for v in applied],
+            delta_versions={uris[n]: pins[n] for n in wanted},
+            entity_uri=entity_uri,
+            entity_sha256=sha,
+            entity_rows=table.num_rows,
+            timestamp_column=timestamp_column,
+        )
+        return _with_id(out, record.id)
+
+    def _applied_versions(
+        self, registry: Registry, wanted: dict[str, list[Aggregation]]
+    ) -> list[ViewVersion]:
+        from registry.core import RegistryError
+        from registry.versions import find_version
+
+        out = []
+        for view_name in wanted:
             view = self.views[view_name]
-            missing = [k for k in view.entity.join_keys if k not in table.column_names]
-            if missing:
-                raise FeaturestreamError(f"entity_df lacks join keys {missing} of view {view_name!r}")
-            ids = self._entity_ids(view, table.select(list(view.entity.join_keys)).to_pylist())
-            lookback = view.max_lookback + view.tile_size
-            start = datetime.fromtimestamp(int(at_ms.min()) / 1000, UTC) - lookback if len(at_ms) else None
-            end = datetime.fromtimestamp(int(at_ms.max()) / 1000, UTC) if len(at_ms) else None
-            uri = self.offline.table_uri(view.name, view.version)
-            events = self.offline.read(uri, entities=sorted(set(ids)), start=start, end=end)
-            if events is None:
-                events = _empty_events(view)
-            for name, (vals, _) in point_in_time_values(view, events, ids, at_ms, aggs).items():
-                agg = view.aggregation(name)
-                out = out.append_column(f"{view_name}:{name}", _arrow_values(vals, agg))
+            found = find_version(registry, view.name, view.version)
+            if found is None:
+                raise RegistryError(
+                    f"feature view {view.name} (version {view.version}) is not in the registry at "
+                    f"{registry.safe_url}; run `featurestream apply <pipeline file>` first"
+                )
+            out.append(found)
         return out
+
+    def reproduce_training_set(self, registry: Registry, training_set_id: int) -> pa.Table:
+        """The training set recorded as ``training_set_id``, rebuilt exactly: the same entities
+        (the Parquet snapshot, checked against its sha256), the same view definitions (from the
+        registry, not this store's views) and the same Delta table versions, read from the
+        recorded table URIs, whatever was appended since."""
+        from registry.lineage import get_training_set_record, view_versions_by_id
+
+        record = get_training_set_record(registry, training_set_id)
+        views = {vv.name: vv.view() for vv in view_versions_by_id(registry, record.view_version_ids)}
+        table = _read_snapshot(record.entity_uri, record.entity_sha256)
+        wanted = _resolve(views, record.features)
+        uris = {n: _recorded_uri(record.delta_versions, n, views[n].version) for n in wanted}
+        pins = {n: record.delta_versions[uri] for n, uri in uris.items()}
+        out = _training_table(self.offline, views, wanted, table, record.timestamp_column, uris, pins)
+        return _with_id(out, record.id)
+
+
+def _resolve(views: dict[str, FeatureView], features: Sequence[str]) -> dict[str, list[Aggregation]]:
+    out: dict[str, list[Aggregation]] = {}
+    for ref in features:
+        view_name, _, feat = ref.partition(":")
+        view = views.get(view_name)
+        if view is None:
+            raise DefinitionError(
+                f"unknown feature view {view_name!r} in {ref!r}; known views: {sorted(views)}"
+            )
+        aggs = out.setdefault(view_name, [])
+        for agg in view.aggregations if not feat else [view.aggregation(feat)]:
+            if all(a is not agg for a in aggs):
+                aggs.append(agg)
+    return out
+
+
+def _training_table(
+    offline: DeltaOfflineStore,
+    views: dict[str, FeatureView],
+    wanted: dict[str, list[Aggregation]],
+    table: pa.Table,
+    timestamp_column: str,
+    uris: dict[str, str],
+    pins: dict[str, int | None] | None,
+) -> pa.Table:
+    """Point-in-time features of ``wanted`` for ``table``, reading each view's Delta table at its
+    pinned version (None: the table did not exist, so no events), or the latest without ``pins``."""
+    if timestamp_column not in table.column_names:
+        raise FeaturestreamError(
+            f"entity_df has no column {timestamp_column!r}; add it or pass timestamp_column="
+        )
+    ts_type = table.schema.field(timestamp_column).type
+    if not pa.types.is_timestamp(ts_type) or ts_type.tz is None:
+        raise FeaturestreamError(
+            f"entity_df[{timestamp_column!r}] must be a timezone-aware timestamp (got {ts_type}); "
+            "convert it, e.g. pandas: df[col] = df[col].dt.tz_localize('UTC')"
+        )
+    at_ms = pc.cast(table.column(timestamp_column), pa.timestamp("ms", "UTC")).cast(pa.int64()).to_numpy()
+    out = table
+    for view_name, aggs in wanted.items():
+        view = views[view_name]
+        missing = [k for k in view.entity.join_keys if k not in table.column_names]
+        if missing:
+            raise FeaturestreamError(f"entity_df lacks join keys {missing} of view {view_name!r}")
+        ids = FeatureStore._entity_ids(view, table.select(list(view.entity.join_keys)).to_pylist())
+        lookback = view.max_lookback + view.tile_size
+        start = datetime.fromtimestamp(int(at_ms.min()) / 1000, UTC) - lookback if len(at_ms) else None
+        end = datetime.fromtimestamp(int(at_ms.max()) / 1000, UTC) if len(at_ms) else None
+        pin = None if pins is None else pins[view_name]
+        events = None
+        if pins is None or pin is not None:
+            events = offline.read(
+                uris[view_name], entities=sorted(set(ids)), start=start, end=end, version=pin
+            )
+        if events is None:
+            events = _empty_events(view)
+        for name, (vals, _) in point_in_time_values(view, events, ids, at_ms, aggs).items():
+            agg = view.aggregation(name)
+            out = out.append_column(f"{view_name}:{name}", _arrow_values(vals, agg))
+    return out
+
+
+def _absolute(uri: str) -> str:
+    """Local paths made absolute, so a recorded location does not depend on the working directory."""
+    return uri if "://" in uri else str(Path(uri).resolve())
+
+
+def _write_snapshot(root: str, table: pa.Table) -> tuple[str, str]:
+    """Store ``table`` as Parquet named by the sha256 of its bytes; returns (uri, sha256)."""
+    buf = io.BytesIO()
+    pq.write_table(table, buf)
+    data = buf.getvalue()
+    sha = hashlib.sha256(data).hexdigest()
+    uri = f"{_absolute(root)}/_training_sets/{sha}.parquet"
+    try:
+        fs, path = pafs.FileSystem.from_uri(uri)
+        fs.create_dir(path.rsplit("/", 1)[0], recursive=True)
+        if fs.get_file_info(path).type == pafs.FileType.NotFound:  # content-addressed: same bytes
+            with fs.open_output_stream(path) as f:
+                f.write(data)
+    except (OSError, pa.ArrowException) as exc:
+        raise StoreError(f"cannot store the entity snapshot at {uri}: {exc}") from exc
+    return uri, sha
+
+
+def _read_snapshot(uri: str, sha256: str) -> pa.Table:
+    try:
+        fs, path = pafs.FileSystem.from_uri(uri)
+        with fs.open_input_stream(path) as f:
+            data = f.read()
+    except (OSError, pa.ArrowException) as exc:
+        raise StoreError(f"entity snapshot {uri} cannot be read: {exc}") from exc
+    if hashlib.sha256(data).hexdigest() != sha256:
+        raise StoreError(f"entity snapshot {uri} changed since it was recorded (sha256 differs)")
+    return pq.read_table(io.BytesIO(data))
+
+
+def _recorded_uri(delta_versions: dict[str, int | None], view: str, version: str) -> str:
+    from registry.core import RegistryError
+
+    for uri in delta_versions:
+        if uri.rstrip("/").endswith(f"/{view}__{version}"):
+            return uri
+    raise RegistryError(f"the training set record has no Delta table for {view} (version {version})")
+
+
+def _with_id(table: pa.Table, training_set_id: int) -> pa.Table:
+    meta = dict(table.schema.metadata or {})
+    meta[TRAINING_SET_ID] = str(training_set_id).encode()
+    return table.replace_schema_metadata(meta)
 
 
 def _is_count(agg: Aggregation) -> bool:

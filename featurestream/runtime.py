@@ -3,20 +3,29 @@
 from __future__ import annotations
 
 import importlib.util
+import os
 import sys
 from pathlib import Path
 
 from bytewax.dataflow import Dataflow
 
 from connectors.kafka import ensure_topic, partition_count
-from engine.dataflow import RuntimeConfig, build_dataflow
+from engine.dataflow import RuntimeConfig, build_dataflow, stop_on_signals
 from engine.definitions import FeatureView
 from engine.errors import DefinitionError, ServiceUnavailable
 from featurestream.client import FeatureStore
 from featurestream.config import Settings
 from featurestream.services import ensure_services
 
-__all__ = ["dataflow", "feature_store", "load_views", "prepare_topics", "runtime_config"]
+__all__ = [
+    "dataflow",
+    "feature_store",
+    "load_views",
+    "metrics_port",
+    "prepare_topics",
+    "runtime_config",
+    "start_metrics",
+]
 
 
 def load_views(path: str | Path) -> list[FeatureView]:
@@ -70,11 +79,40 @@ def prepare_topics(views: list[FeatureView], runtime: RuntimeConfig) -> None:
         ensure_topic(runtime.kafka_bootstrap_servers, view.source.dlq_topic, 1)
 
 
+def metrics_port(settings: Settings, process_id: int | None = None) -> int:
+    """This process's metrics port: ``metrics_port`` plus the Bytewax process id (0: disabled).
+
+    The process id defaults to ``BYTEWAX_PROCESS_ID`` (``featurestream run -p`` sets it), else 0.
+    """
+    if not settings.metrics_port:
+        return 0
+    if process_id is None:
+        process_id = int(os.environ.get("BYTEWAX_PROCESS_ID") or 0)
+    return settings.metrics_port + process_id
+
+
+def start_metrics(settings: Settings, process_id: int | None = None) -> int:
+    """Serve ``/metrics`` and ``/healthz`` for this worker process; returns the port (0: disabled)."""
+    from engine.observe import serve
+
+    port = metrics_port(settings, process_id)
+    if port:
+        serve(port)
+    return port
+
+
 def dataflow(*views: FeatureView, settings: Settings | None = None) -> Dataflow:
-    """A ready-to-run dataflow for ``views`` (what ``python -m bytewax.run file.py:flow`` runs)."""
+    """A ready-to-run dataflow for ``views`` (what ``python -m bytewax.run file.py:flow`` runs).
+
+    Also starts this process's metrics endpoint (see :func:`start_metrics`).
+    """
+    settings = settings or Settings()
     runtime = runtime_config(settings)
     prepare_topics(list(views), runtime)
-    return build_dataflow(list(views), runtime)
+    flow = build_dataflow(list(views), runtime)
+    start_metrics(settings)
+    stop_on_signals()
+    return flow
 
 
 def feature_store(*views: FeatureView, settings: Settings | None = None) -> FeatureStore:

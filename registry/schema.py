@@ -131,4 +131,7 @@ drift_measurements = Table(
 MIGRATIONS: dict[int, list[Table | str]] = {
     1: [view_versions, view_changes, training_sets, models, drift_baselines, drift_measurements],
 }
+# 2: a metadata-only apply (description, owner, tags, ttl, drift thresholds) keeps the version and
+# its immutable ``definition``; the definition with those edits goes here (NULL until the first).
+MIGRATIONS[2] = ["ALTER TABLE fs_view_versions ADD COLUMN edited_definition JSON"]
 LATEST = max(MIGRATIONS)

@@ -52,6 +52,7 @@ def _env(services: Services, tmp_path: Path, prefix: str) -> dict[str, str]:
         "FEATURESTREAM_DELTA_URI": str(tmp_path / "delta"),
         "FEATURESTREAM_REDIS_PREFIX": prefix,
         "FEATURESTREAM_STATE_DIR": str(tmp_path / "state"),
+        "FEATURESTREAM_METRICS_PORT": "0",
     }
 
 
@@ -164,3 +165,43 @@ def test_demo_runs_on_its_own_embedded_services(tmp_path: Path) -> None:
     # The demo stopped the services it started.
     state = tmp_path / "state" / "services.json"
     assert not state.exists() or json.loads(state.read_text()) == {}
+
+
+def test_quiet_stream_flushes_offline_and_sigterm_stops_cleanly(
+    services: Services, topic, tmp_path: Path
+) -> None:
+    import signal
+    import time
+
+    from connectors.delta_store import DeltaOfflineStore
+
+    name = topic(partitions=2)
+    pipeline = _pipeline(tmp_path, name)
+    produce(services.kafka, name, _events(5, 8), key_field="user_id")
+    env = _env(services, tmp_path, unique("stop"))
+    worker = subprocess.Popen(
+        [*CLI, "run", str(pipeline)], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    )
+    try:
+        view = load_views(pipeline)[0]
+        store = DeltaOfflineStore(str(tmp_path / "delta"))
+        uri = store.table_uri(view.name, view.version)
+        deadline = time.monotonic() + 60
+        rows = 0
+        while time.monotonic() < deadline:
+            table = store.read(uri)
+            rows = 0 if table is None else table.num_rows
+            if rows == 40:
+                break
+            time.sleep(0.5)
+        # The stream went quiet after 40 events: the timer flushed them without new arrivals.
+        assert rows == 40
+        produce(services.kafka, name, _events(5, 10)[40:], key_field="user_id")
+        time.sleep(1.0)
+        worker.send_signal(signal.SIGTERM)
+        out, _ = worker.communicate(timeout=60)
+    finally:
+        if worker.poll() is None:
+            worker.kill()
+    assert worker.returncode == 0, out
+    assert store.read(uri).num_rows == 50
