@@ -180,7 +180,7 @@ class DeadLetterProducer:
         )
         self._errors: list[str] = []
 
-    def send(self, dlq_topic: str, letter: DeadLetter, view: str) -> None:
+    def send(self, dlq_topic: str, letter: DeadLetter, view: str, version: str = "") -> None:
         headers = [
             ("fs-reason", letter.reason.encode()),
             ("fs-detail", letter.detail.encode()),
@@ -188,6 +188,7 @@ class DeadLetterProducer:
             ("fs-partition", str(letter.partition).encode()),
             ("fs-offset", str(letter.offset).encode()),
             ("fs-view", view.encode()),
+            ("fs-view-version", version.encode()),
         ]
         self._producer.produce(
             dlq_topic, value=letter.value, key=letter.key, headers=headers, on_delivery=self._ack

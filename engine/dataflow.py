@@ -134,7 +134,7 @@ def build_dataflow(views: list[FeatureView], runtime: RuntimeConfig, name: str =
     for view in views:
         layout = TileLayout.of(view)
         retention = duration_ms(view.max_lookback) + duration_ms(view.allowed_lateness) + layout.tile_ms
-        v = view.name
+        v = f"{view.name}_{view.version}"
         batches = op.input(
             f"{v}_source",
             flow,
@@ -148,7 +148,11 @@ def build_dataflow(views: list[FeatureView], runtime: RuntimeConfig, name: str =
             ),
         )
         dead = op.flat_map(f"{v}_dead", batches, lambda b: b.dead)
-        op.output(f"{v}_dlq", dead, DeadLetterSink(runtime.kafka_bootstrap_servers, view.source.dlq_topic, v))
+        op.output(
+            f"{v}_dlq",
+            dead,
+            DeadLetterSink(runtime.kafka_bootstrap_servers, view.source.dlq_topic, view.name, view.version),
+        )
         cols = view.columns
         rows = op.filter_map(f"{v}_rows", batches, lambda b, cols=cols: b.rows(cols) if b.entity else None)
         op.output(

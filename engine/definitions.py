@@ -15,8 +15,11 @@ from datetime import timedelta
 from functools import cached_property
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, TypeAdapter, ValidationError, field_validator, model_validator
+from pydantic import field_validator, model_validator
 
+from engine._model import _check_name, _Definition
+from engine.aggregations import FUNCTIONS, Aggregation, DriftThresholds, Window  # noqa: F401 (re-exported)
+from engine.durations import duration_ms, format_duration, parse_duration
 from engine.errors import DefinitionError
 
 __all__ = [
@@ -30,78 +33,9 @@ __all__ = [
     "parse_duration",
 ]
 
-_NAME = re.compile(r"^[a-z][a-z0-9_]{0,62}$")
 _FIELD = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,127}$")
-_DURATION = re.compile(r"^\s*(\d+)\s*(ms|s|m|h|d|w)\s*$")
-_UNITS = {"ms": 1, "s": 1000, "m": 60_000, "h": 3_600_000, "d": 86_400_000, "w": 604_800_000}
 NUMERIC = frozenset({"int", "float", "bool"})
 MAX_TILES_PER_WINDOW = 10_000
-FUNCTIONS = ("count", "sum", "mean", "min", "max", "last", "stddev")
-_ISO_DURATION = TypeAdapter(timedelta)
-
-
-def parse_duration(value: Any) -> timedelta:
-    """Accept a timedelta, seconds as a number, or a string such as ``"90s"``, ``"10m"``, ``"1d"``."""
-    if isinstance(value, timedelta):
-        return value
-    if isinstance(value, int | float) and not isinstance(value, bool):
-        return timedelta(seconds=value)
-    if isinstance(value, str):
-        m = _DURATION.match(value)
-        if m:
-            return timedelta(milliseconds=int(m.group(1)) * _UNITS[m.group(2)])
-        if value.startswith(("P", "-P")):  # ISO 8601, as definitions are stored
-            try:
-                return _ISO_DURATION.validate_python(value)
-            except ValidationError:
-                pass
-    raise ValueError(
-        f"cannot read {value!r} as a duration; use a timedelta or a string like '30s', '10m', '1h', '1d'"
-    )
-
-
-def duration_ms(td: timedelta) -> int:
-    return round(td.total_seconds() * 1000)
-
-
-def format_duration(td: timedelta) -> str:
-    ms = duration_ms(td)
-    for unit in ("w", "d", "h", "m", "s"):
-        if ms % _UNITS[unit] == 0:
-            return f"{ms // _UNITS[unit]}{unit}"
-    return f"{ms}ms"
-
-
-class _Definition(BaseModel):
-    model_config = ConfigDict(frozen=True, extra="forbid")
-
-    def __init__(self, **data: Any) -> None:
-        try:
-            super().__init__(**data)
-        except ValidationError as exc:
-            raise DefinitionError(_explain(type(self).__name__, data, exc)) from None
-
-    def model_copy(self, *, update: dict[str, Any] | None = None, deep: bool = False) -> Any:
-        """A validated copy with ``update`` applied (derived values such as ``version`` recomputed)."""
-        if not update:
-            return super().model_copy(deep=deep)
-        data = {name: getattr(self, name) for name in type(self).model_fields}
-        return type(self)(**{**data, **update})
-
-
-def _explain(kind: str, data: dict[str, Any], exc: ValidationError) -> str:
-    name = data.get("name")
-    head = f"{kind} {name!r}" if isinstance(name, str) else kind
-    lines = []
-    for err in exc.errors():
-        loc = ".".join(str(p) for p in err["loc"]) or "(definition)"
-        msg = err["msg"].removeprefix("Value error, ")
-        if err["type"] == "missing":
-            msg = "is required; add it"
-        elif err["type"] == "extra_forbidden":
-            msg = f"is not a field of {kind}; remove it or check its spelling"
-        lines.append(f"  {loc}: {msg}")
-    return f"invalid {head}:\n" + "\n".join(lines)
 
 
 class Field(_Definition):
@@ -189,117 +123,6 @@ class EventSource(_Definition):
 
     def field(self, name: str) -> Field | None:
         return next((f for f in self.fields if f.name == name), None)
-
-
-class Window(_Definition):
-    """An event-time window.
-
-    ``sliding``: events in the tiles that start in ``(t - size, t]``, up to ``t``.
-    ``hopping``: the latest complete window ``[E - size, E)`` with ``E = floor(t / hop) * hop``.
-    ``tumbling``: hopping with ``hop == size``.
-    """
-
-    kind: Literal["sliding", "tumbling", "hopping"] = "sliding"
-    size: timedelta
-    hop: timedelta | None = None
-
-    @field_validator("size", "hop", mode="before")
-    @classmethod
-    def _dur(cls, v: Any) -> Any:
-        return None if v is None else parse_duration(v)
-
-    @model_validator(mode="after")
-    def _shape(self) -> Window:
-        if self.size <= timedelta(0):
-            raise ValueError("size must be positive")
-        if self.kind == "hopping":
-            if self.hop is None:
-                raise ValueError("a hopping window needs hop, e.g. Window.hopping('1h', hop='10m')")
-            if not timedelta(0) < self.hop <= self.size:
-                raise ValueError("hop must be positive and at most size")
-        elif self.hop is not None:
-            raise ValueError(f"hop applies to hopping windows only; remove it from the {self.kind} window")
-        return self
-
-    @classmethod
-    def sliding(cls, size: Any) -> Window:
-        return cls(kind="sliding", size=size)
-
-    @classmethod
-    def tumbling(cls, size: Any) -> Window:
-        return cls(kind="tumbling", size=size)
-
-    @classmethod
-    def hopping(cls, size: Any, hop: Any) -> Window:
-        return cls(kind="hopping", size=size, hop=hop)
-
-    @property
-    def hop_or_size(self) -> timedelta:
-        return self.hop if self.hop is not None else self.size
-
-    @property
-    def lookback(self) -> timedelta:
-        """How far back from a read time this window may reach."""
-        return self.size if self.kind == "sliding" else self.size + self.hop_or_size
-
-    @cached_property
-    def label(self) -> str:
-        if self.kind == "sliding":
-            return format_duration(self.size)
-        if self.kind == "tumbling":
-            return f"{format_duration(self.size)}_tumbling"
-        return f"{format_duration(self.size)}_every_{format_duration(self.hop_or_size)}"
-
-
-class DriftThresholds(_Definition):
-    """When a feature's live distribution counts as drifted from its training baseline.
-
-    PSI (population stability index) and KS (Kolmogorov-Smirnov distance) at or above ``*_warn``
-    warn, at or above ``*_alert`` alert. Monitoring settings: they do not change the version.
-    """
-
-    psi_warn: float = 0.1
-    psi_alert: float = 0.25
-    ks_warn: float = 0.1
-    ks_alert: float = 0.2
-
-    @model_validator(mode="after")
-    def _order(self) -> DriftThresholds:
-        if not 0 < self.psi_warn <= self.psi_alert or not 0 < self.ks_warn <= self.ks_alert:
-            raise ValueError("thresholds must be positive with warn <= alert")
-        return self
-
-
-class Aggregation(_Definition):
-    """One feature: ``function`` of ``column`` over ``window``. ``count`` without a column counts events."""
-
-    function: Literal["count", "sum", "mean", "min", "max", "last", "stddev"]
-    column: str | None = None
-    window: Window
-    name: str | None = None
-    drift: DriftThresholds = DriftThresholds()
-
-    @field_validator("window", mode="before")
-    @classmethod
-    def _window(cls, v: Any) -> Any:
-        if isinstance(v, Window | dict):
-            return v
-        return Window.sliding(v)
-
-    @model_validator(mode="after")
-    def _col(self) -> Aggregation:
-        if self.column is None and self.function != "count":
-            raise ValueError(f"{self.function} needs a column, e.g. column='amount'")
-        if self.name is not None:
-            _check_name(self.name)
-        return self
-
-    @cached_property
-    def feature_name(self) -> str:
-        if self.name:
-            return self.name
-        col = self.column or "events"
-        return f"{col}_{self.function}_{self.window.label}"
 
 
 class FeatureView(_Definition):
@@ -453,11 +276,3 @@ class FeatureView(_Definition):
     def version(self) -> str:
         blob = json.dumps(self.canonical(), sort_keys=True, separators=(",", ":"))
         return hashlib.sha256(blob.encode()).hexdigest()[:12]
-
-
-def _check_name(v: str) -> str:
-    if not _NAME.match(v):
-        raise ValueError(
-            f"{v!r} is not a valid name; use lower-case letters, digits and '_', starting with a letter"
-        )
-    return v

@@ -255,14 +255,15 @@ class DecodingKafkaSource(FixedPartitionedSource[SourceBatch, dict]):
 
 
 class _DeadLetterPartition(StatelessSinkPartition[DeadLetter]):
-    def __init__(self, bootstrap: str, topic: str, view: str) -> None:
+    def __init__(self, bootstrap: str, topic: str, view: str, version: str) -> None:
         self.producer = DeadLetterProducer(bootstrap)
         self.topic = topic
         self.view = view
+        self.version = version
 
     def write_batch(self, items: list[DeadLetter]) -> None:
         for letter in items:
-            self.producer.send(self.topic, letter, self.view)
+            self.producer.send(self.topic, letter, self.view, self.version)
         self.producer.flush()
 
     def close(self) -> None:
@@ -272,8 +273,8 @@ class _DeadLetterPartition(StatelessSinkPartition[DeadLetter]):
 class DeadLetterSink(DynamicSink[DeadLetter]):
     """Dead letters to ``<topic>.dlq``. Delivery: at least once (flushed per batch)."""
 
-    def __init__(self, bootstrap: str, topic: str, view: str) -> None:
-        self.args = (bootstrap, topic, view)
+    def __init__(self, bootstrap: str, topic: str, view: str, version: str = "") -> None:
+        self.args = (bootstrap, topic, view, version)
 
     def build(self, step_id: str, worker_index: int, worker_count: int) -> _DeadLetterPartition:
         return _DeadLetterPartition(*self.args)

@@ -17,6 +17,14 @@ from engine.errors import DefinitionError, FeaturestreamError, ServiceUnavailabl
 from featurestream.client import FeatureStore, OnlineFeatures
 from featurestream.config import Settings
 
+
+def open_registry(settings: Settings | None = None):
+    """The registry these settings name: ``FEATURESTREAM_REGISTRY_URL``, else a SQLite file."""
+    from featurestream.serving import open_registry as _open
+
+    return _open(settings)
+
+
 __all__ = [
     "Aggregation",
     "DefinitionError",
@@ -32,4 +40,5 @@ __all__ = [
     "Settings",
     "StoreError",
     "Window",
+    "open_registry",
 ]

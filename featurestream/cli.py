@@ -55,18 +55,21 @@ def run(
     from engine.dataflow import build_dataflow, run_dataflow
     from featurestream.config import Settings
     from featurestream.runtime import load_views, metrics_port, prepare_topics, runtime_config, start_metrics
+    from featurestream.serving import served_views, start_drift_watch
 
     try:
-        views = load_views(pipeline)
         settings = Settings(bounded=bounded) if bounded else Settings()
+        views = served_views(load_views(pipeline), settings)
         runtime = runtime_config(settings)
         prepare_topics(views, runtime)
         console.print(
-            f"running {', '.join(f'{v.name}@{v.version}' for v in views)} "
+            f"running {', '.join(f'{v.name} ({v.version})' for v in views)} "
             f"with {processes} process(es) x {workers} worker(s)"
         )
         if processes == 1:
             flow = build_dataflow(views, runtime)
+            if not bounded:
+                start_drift_watch(views, settings)
             port = start_metrics(settings)
             if port:
                 console.print(

@@ -46,7 +46,8 @@ def register(app: typer.Typer) -> None:
             end = datetime.now(UTC)
             registry = Registry(Settings().resolved_registry_url())
             try:
-                found = measure_drift(registry, feature_store(fv), fv, end - span, end, step)
+                store = feature_store(fv, start_services=False)  # drift reads Delta only
+                found = measure_drift(registry, store, fv, end - span, end, step)
                 if plot is not None:
                     plot_drift(registry, fv, plot)
             finally:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import warnings
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -68,18 +69,49 @@ class FeatureStore:
         delta_uri: str,
         redis_prefix: str = "fs",
         delta_storage_options: dict[str, str] | None = None,
+        registry: Registry | None = None,
     ) -> None:
         self.views = {v.name: v for v in views}
         self.online = RedisOnlineStore(redis_url, redis_prefix)
         self._resolved: dict[tuple[str, ...], dict[str, list[Aggregation]]] = {}
         self.offline = DeltaOfflineStore(delta_uri, delta_storage_options)
+        self.registry = registry
 
     def _resolve(self, features: Sequence[str]) -> dict[str, list[Aggregation]]:
-        """``["view:feature", "view"]`` -> aggregations per view (a bare view means all its features)."""
+        """``["view:feature", "view", "view@2:feature"]`` -> aggregations per view reference.
+
+        A bare view means all its features; ``view@N`` reads registered version N (served side by
+        side with the current one until it is retired), which needs ``registry=``.
+        """
         key = tuple(features)
         if key not in self._resolved:
+            for ref in features:
+                view_ref = ref.partition(":")[0]
+                if "@" in view_ref and view_ref not in self.views:
+                    self.views[view_ref] = self._registered(view_ref)
             self._resolved[key] = _resolve(self.views, features)
         return self._resolved[key]
+
+    def _registered(self, view_ref: str) -> FeatureView:
+        from registry.core import RegistryError
+        from registry.versions import get_version
+
+        name, _, seq = view_ref.partition("@")
+        if self.registry is None:
+            raise DefinitionError(f"{view_ref!r} names a registered version; create the store with registry=")
+        if not seq.isdigit():
+            raise DefinitionError(f"{view_ref!r}: the version after '@' is a number, e.g. {name}@2")
+        found = get_version(self.registry, name, int(seq))
+        if found.status == "retired":
+            raise RegistryError(f"{found.label} is retired and no longer served; read {name} instead")
+        if found.status == "deprecated":
+            warnings.warn(
+                f"{found.label} is deprecated"
+                + (f" and retires after {found.retire_after:%Y-%m-%d}" if found.retire_after else ""),
+                DeprecationWarning,
+                stacklevel=4,
+            )
+        return found.view()
 
     @staticmethod
     def _entity_ids(view: FeatureView, rows: list[dict[str, Any]]) -> list[str]:
@@ -120,15 +152,15 @@ class FeatureStore:
         rows = self._entity_rows(entity_keys, views)
         values: dict[str, list[Any]] = {}
         times: dict[str, np.ndarray] = {}
-        for view in views:
-            aggs = wanted[view.name]
+        for ref, view in zip(wanted, views, strict=True):
+            aggs = wanted[ref]
             ns = self.online.namespace(view.name, view.version)
             blobs = self.online.read_tiles(ns, self._entity_ids(view, rows))
             results = online_values(view, blobs, at_ms, aggs)
             for agg in aggs:
                 vals, ts = results[agg.feature_name]
-                values[f"{view.name}:{agg.feature_name}"] = _py_values(vals, agg)
-                times[f"{view.name}:{agg.feature_name}"] = ts
+                values[f"{ref}:{agg.feature_name}"] = _py_values(vals, agg)
+                times[f"{ref}:{agg.feature_name}"] = ts
         return OnlineFeatures(entities=rows, values=values, _times_ms=times)
 
     def get_training_set(
@@ -158,7 +190,9 @@ class FeatureStore:
         )
         wanted = self._resolve(features)
         applied = [] if registry is None else self._applied_versions(registry, wanted)
-        uris = {n: _absolute(self.offline.table_uri(n, self.views[n].version)) for n in wanted}
+        uris = {
+            n: _absolute(self.offline.table_uri(self.views[n].name, self.views[n].version)) for n in wanted
+        }
         if registry is None:
             return _training_table(self.offline, self.views, wanted, table, timestamp_column, uris, None)
         # Pin each table at its current version and read exactly that version: later appends
@@ -207,10 +241,12 @@ class FeatureStore:
         from registry.lineage import get_training_set_record, view_versions_by_id
 
         record = get_training_set_record(registry, training_set_id)
-        views = {vv.name: vv.view() for vv in view_versions_by_id(registry, record.view_version_ids)}
+        views: dict[str, FeatureView] = {}
+        for vv in view_versions_by_id(registry, record.view_version_ids):
+            views[vv.name] = views[vv.label] = vv.view()
         table = _read_snapshot(record.entity_uri, record.entity_sha256)
         wanted = _resolve(views, record.features)
-        uris = {n: _recorded_uri(record.delta_versions, n, views[n].version) for n in wanted}
+        uris = {n: _recorded_uri(record.delta_versions, views[n].name, views[n].version) for n in wanted}
         pins = {n: record.delta_versions[uri] for n, uri in uris.items()}
         out = _training_table(self.offline, views, wanted, table, record.timestamp_column, uris, pins)
         return _with_id(out, record.id)

@@ -44,6 +44,10 @@ class Settings(BaseSettings):
     metrics_port: int = Field(
         default=9464, description="worker /metrics and /healthz port (+ process id); 0 disables"
     )
+    drift_interval_seconds: float = Field(
+        default=300, description="how often a worker measures drift of views with baselines; 0 disables"
+    )
+    drift_bucket_seconds: int = Field(default=3600, description="time bucket of live drift statistics")
     bounded: bool = Field(
         default=False, description="stop at each partition's end offset as of start (backfills)"
     )

@@ -16,6 +16,7 @@ from engine.errors import DefinitionError, ServiceUnavailable
 from featurestream.client import FeatureStore
 from featurestream.config import Settings
 from featurestream.services import ensure_services
+from registry.core import Registry
 
 __all__ = [
     "dataflow",
@@ -106,22 +107,40 @@ def dataflow(*views: FeatureView, settings: Settings | None = None) -> Dataflow:
 
     Also starts this process's metrics endpoint (see :func:`start_metrics`).
     """
+    from featurestream.serving import served_views, start_drift_watch
+
     settings = settings or Settings()
     runtime = runtime_config(settings)
-    prepare_topics(list(views), runtime)
-    flow = build_dataflow(list(views), runtime)
+    served = served_views(list(views), settings)
+    prepare_topics(served, runtime)
+    flow = build_dataflow(served, runtime)
     start_metrics(settings)
+    if int(os.environ.get("BYTEWAX_PROCESS_ID", "0")) == 0:
+        start_drift_watch(served, settings)
     stop_on_signals()
     return flow
 
 
-def feature_store(*views: FeatureView, settings: Settings | None = None) -> FeatureStore:
+def feature_store(
+    *views: FeatureView,
+    settings: Settings | None = None,
+    registry: Registry | None = None,
+    start_services: bool = True,
+) -> FeatureStore:
+    """A store for this environment. ``start_services=False`` starts nothing: for offline-only
+    work (drift, training sets) where the configured or recorded endpoints suffice."""
     settings = settings or Settings()
-    eps = ensure_services(settings)
+    if start_services:
+        eps = ensure_services(settings)
+        redis_url, delta_uri = eps.redis_url, eps.delta_uri
+    else:
+        redis_url = settings.redis_url or "redis://127.0.0.1:6379/0"  # connected only on an online read
+        delta_uri = settings.resolved_delta_uri()
     return FeatureStore(
         views,
-        redis_url=eps.redis_url,
-        delta_uri=eps.delta_uri,
+        redis_url=redis_url,
+        delta_uri=delta_uri,
         redis_prefix=settings.redis_prefix,
         delta_storage_options=settings.delta_storage_options,
+        registry=registry,
     )

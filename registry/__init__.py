@@ -1,5 +1,71 @@
-"""The registry: immutable feature view versions, lineage to models, and drift history."""
+"""The registry: immutable feature view versions, lineage to models, and drift history.
+
+Every function takes a :class:`Registry` first, so notebooks and CI pipelines use the same API
+as the ``featurestream`` CLI::
+
+    reg = featurestream.open_registry()
+    registry.plan(reg, views); registry.apply(reg, views); registry.list_versions(reg)
+    registry.model_lineage(reg, "fraud", "3")
+    registry.measure_drift(reg, store, view, start, end)
+"""
 
 from registry.core import Registry, RegistryError
+from registry.drift import (
+    DriftMeasurement,
+    baselines,
+    capture_baseline,
+    drift_history,
+    feature_stats,
+    ks,
+    measure_drift,
+    plot_drift,
+    psi,
+)
+from registry.lineage import (
+    lineage_graph,
+    model_lineage,
+    models,
+    register_model,
+    render_lineage,
+)
+from registry.versions import (
+    Change,
+    ViewVersion,
+    apply,
+    deprecate,
+    find_version,
+    get_version,
+    plan,
+    retire,
+    serving_views,
+)
+from registry.versions import versions as list_versions  # the submodule keeps the name `versions`
 
-__all__ = ["Registry", "RegistryError"]
+__all__ = [
+    "Change",
+    "DriftMeasurement",
+    "Registry",
+    "RegistryError",
+    "ViewVersion",
+    "apply",
+    "baselines",
+    "capture_baseline",
+    "deprecate",
+    "drift_history",
+    "feature_stats",
+    "find_version",
+    "get_version",
+    "ks",
+    "lineage_graph",
+    "list_versions",
+    "measure_drift",
+    "model_lineage",
+    "models",
+    "plan",
+    "plot_drift",
+    "psi",
+    "register_model",
+    "render_lineage",
+    "retire",
+    "serving_views",
+]

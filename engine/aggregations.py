@@ -1,0 +1,128 @@
+"""Aggregation definitions: the :class:`Aggregation` itself, its :class:`Window` and its
+:class:`DriftThresholds`."""
+
+from __future__ import annotations
+
+from datetime import timedelta
+from functools import cached_property
+from typing import Any, Literal
+
+from pydantic import field_validator, model_validator
+
+from engine._model import _check_name, _Definition
+from engine.durations import format_duration, parse_duration
+
+__all__ = ["FUNCTIONS", "Aggregation", "DriftThresholds", "Window"]
+
+FUNCTIONS = ("count", "sum", "mean", "min", "max", "last", "stddev")
+
+
+class Window(_Definition):
+    """An event-time window.
+
+    ``sliding``: events in the tiles that start in ``(t - size, t]``, up to ``t``.
+    ``hopping``: the latest complete window ``[E - size, E)`` with ``E = floor(t / hop) * hop``.
+    ``tumbling``: hopping with ``hop == size``.
+    """
+
+    kind: Literal["sliding", "tumbling", "hopping"] = "sliding"
+    size: timedelta
+    hop: timedelta | None = None
+
+    @field_validator("size", "hop", mode="before")
+    @classmethod
+    def _dur(cls, v: Any) -> Any:
+        return None if v is None else parse_duration(v)
+
+    @model_validator(mode="after")
+    def _shape(self) -> Window:
+        if self.size <= timedelta(0):
+            raise ValueError("size must be positive")
+        if self.kind == "hopping":
+            if self.hop is None:
+                raise ValueError("a hopping window needs hop, e.g. Window.hopping('1h', hop='10m')")
+            if not timedelta(0) < self.hop <= self.size:
+                raise ValueError("hop must be positive and at most size")
+        elif self.hop is not None:
+            raise ValueError(f"hop applies to hopping windows only; remove it from the {self.kind} window")
+        return self
+
+    @classmethod
+    def sliding(cls, size: Any) -> Window:
+        return cls(kind="sliding", size=size)
+
+    @classmethod
+    def tumbling(cls, size: Any) -> Window:
+        return cls(kind="tumbling", size=size)
+
+    @classmethod
+    def hopping(cls, size: Any, hop: Any) -> Window:
+        return cls(kind="hopping", size=size, hop=hop)
+
+    @property
+    def hop_or_size(self) -> timedelta:
+        return self.hop if self.hop is not None else self.size
+
+    @property
+    def lookback(self) -> timedelta:
+        """How far back from a read time this window may reach."""
+        return self.size if self.kind == "sliding" else self.size + self.hop_or_size
+
+    @cached_property
+    def label(self) -> str:
+        if self.kind == "sliding":
+            return format_duration(self.size)
+        if self.kind == "tumbling":
+            return f"{format_duration(self.size)}_tumbling"
+        return f"{format_duration(self.size)}_every_{format_duration(self.hop_or_size)}"
+
+
+class DriftThresholds(_Definition):
+    """When a feature's live distribution counts as drifted from its training baseline.
+
+    PSI (population stability index) and KS (Kolmogorov-Smirnov distance) at or above ``*_warn``
+    warn, at or above ``*_alert`` alert. Monitoring settings: they do not change the version.
+    """
+
+    psi_warn: float = 0.1
+    psi_alert: float = 0.25
+    ks_warn: float = 0.1
+    ks_alert: float = 0.2
+
+    @model_validator(mode="after")
+    def _order(self) -> DriftThresholds:
+        if not 0 < self.psi_warn <= self.psi_alert or not 0 < self.ks_warn <= self.ks_alert:
+            raise ValueError("thresholds must be positive with warn <= alert")
+        return self
+
+
+class Aggregation(_Definition):
+    """One feature: ``function`` of ``column`` over ``window``. ``count`` without a column counts events."""
+
+    function: Literal["count", "sum", "mean", "min", "max", "last", "stddev"]
+    column: str | None = None
+    window: Window
+    name: str | None = None
+    drift: DriftThresholds = DriftThresholds()
+
+    @field_validator("window", mode="before")
+    @classmethod
+    def _window(cls, v: Any) -> Any:
+        if isinstance(v, Window | dict):
+            return v
+        return Window.sliding(v)
+
+    @model_validator(mode="after")
+    def _col(self) -> Aggregation:
+        if self.column is None and self.function != "count":
+            raise ValueError(f"{self.function} needs a column, e.g. column='amount'")
+        if self.name is not None:
+            _check_name(self.name)
+        return self
+
+    @cached_property
+    def feature_name(self) -> str:
+        if self.name:
+            return self.name
+        col = self.column or "events"
+        return f"{col}_{self.function}_{self.window.label}"
