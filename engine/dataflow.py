@@ -17,6 +17,8 @@ import signal
 import threading
 import zlib
 from dataclasses import dataclass
+from datetime import timedelta
+from pathlib import Path
 from typing import Any
 
 import bytewax.operators as op
@@ -24,23 +26,23 @@ import numpy as np
 import pyarrow as pa
 from bytewax.dataflow import Dataflow
 from bytewax.operators import StatefulBatchLogic
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, Field
 
 from connectors.delta_store import DeltaOfflineStore
 from engine.definitions import FeatureView, duration_ms
-from engine.flow_io import (
-    DeadLetterSink,
-    DecodingKafkaSource,
-    OfflineSink,
-    OnlineSink,
-    SourceBatch,
-    TimedUpdate,
-    request_stop,
-)
+from engine.flow_io import DecodingKafkaSource, SourceBatch, request_stop
+from engine.sinks import DeadLetterSink, OfflineSink, OnlineSink, TimedUpdate, partition_key, shard_key
 from engine.state import TileState
 from engine.tiles import TileLayout
 
-__all__ = ["RuntimeConfig", "build_dataflow", "request_stop", "run_dataflow", "stop_on_signals"]
+__all__ = [
+    "RuntimeConfig",
+    "build_dataflow",
+    "recovery_config",
+    "request_stop",
+    "run_dataflow",
+    "stop_on_signals",
+]
 
 
 class RuntimeConfig(BaseModel):
@@ -55,7 +57,7 @@ class RuntimeConfig(BaseModel):
     redis_prefix: str = "fs"
     batch_size: int = 20_000
     poll_timeout_seconds: float = 0.05
-    shards: int = 32
+    shards: int = Field(default=32, ge=1, le=9999)
     stop_at_end: bool = False
     offline_flush_rows: int = 500_000
     offline_flush_seconds: float = 5.0
@@ -94,7 +96,7 @@ def split_shards(batch: SourceBatch, shards: int) -> list[tuple[str, ShardEvents
         used, local = np.unique(codes[idx], return_inverse=True)
         out.append(
             (
-                f"s{int(sorted_shards[a])}",
+                shard_key(int(sorted_shards[a])),
                 ShardEvents(
                     keys=[uniq[u] for u in used.tolist()],
                     codes=local,
@@ -154,11 +156,21 @@ def build_dataflow(views: list[FeatureView], runtime: RuntimeConfig, name: str =
             DeadLetterSink(runtime.kafka_bootstrap_servers, view.source.dlq_topic, view.name, view.version),
         )
         cols = view.columns
-        rows = op.filter_map(f"{v}_rows", batches, lambda b, cols=cols: b.rows(cols) if b.entity else None)
+        rows = op.filter_map(
+            f"{v}_rows",
+            batches,
+            lambda b, cols=cols: (partition_key(b.partition), b.rows(cols)) if b.entity else None,
+        )
         op.output(
             f"{v}_offline",
             rows,
-            OfflineSink(offline, view, runtime.offline_flush_rows, runtime.offline_flush_seconds),
+            OfflineSink(
+                offline,
+                view,
+                runtime.kafka_bootstrap_servers,
+                runtime.offline_flush_rows,
+                runtime.offline_flush_seconds,
+            ),
         )
         shards = runtime.shards
         keyed = op.flat_map(f"{v}_shard", batches, lambda b, n=shards: split_shards(b, n))
@@ -171,8 +183,8 @@ def build_dataflow(views: list[FeatureView], runtime: RuntimeConfig, name: str =
         tiles = op.stateful_batch(f"{v}_tiles", keyed, builder)
         op.output(
             f"{v}_online",
-            op.key_rm(f"{v}_unkey", tiles),
-            OnlineSink(runtime.redis_url, runtime.redis_prefix, view),
+            tiles,
+            OnlineSink(runtime.redis_url, runtime.redis_prefix, view, runtime.shards),
         )
     return flow
 
@@ -185,9 +197,36 @@ def stop_on_signals() -> None:
         signal.signal(sig, lambda _signum, _frame: request_stop())
 
 
-def run_dataflow(flow: Dataflow, workers: int = 1) -> None:
-    """Run in this process with ``workers`` threads; returns when every source has ended."""
+def recovery_config(directory: str | Path, partitions: int = 1) -> Any:
+    """Bytewax recovery in ``directory``, creating its partitions on first use."""
+    from bytewax.recovery import RecoveryConfig, init_db_dir
+
+    path = Path(directory)
+    path.mkdir(parents=True, exist_ok=True)
+    if not any(path.glob("part-*.sqlite3")):
+        init_db_dir(path, partitions)
+    return RecoveryConfig(path, backup_interval=timedelta(0))
+
+
+def run_dataflow(
+    flow: Dataflow,
+    workers: int = 1,
+    *,
+    recovery_dir: str | Path | None = None,
+    snapshot_seconds: float = 10.0,
+) -> None:
+    """Run in this process with ``workers`` threads; returns when every source has ended.
+
+    With ``recovery_dir``, state and positions are snapshotted every ``snapshot_seconds`` and a
+    restart resumes from the last snapshot (the store sinks drain before a snapshot counts).
+    """
     from bytewax._bytewax import cli_main
 
     stop_on_signals()
-    cli_main(flow, workers_per_process=workers)
+    recovery = None if recovery_dir is None else recovery_config(recovery_dir)
+    cli_main(
+        flow,
+        workers_per_process=workers,
+        epoch_interval=timedelta(seconds=snapshot_seconds),
+        recovery_config=recovery,
+    )

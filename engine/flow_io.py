@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
@@ -18,29 +17,20 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 from bytewax.inputs import FixedPartitionedSource, StatefulSourcePartition
-from bytewax.outputs import DynamicSink, StatelessSinkPartition
 
-from connectors.delta_store import DeltaOfflineStore, event_schema
-from connectors.kafka import DeadLetterProducer, PartitionReader, partition_count
-from connectors.redis_store import RedisOnlineStore
+from connectors.delta_store import event_schema
+from connectors.kafka import PartitionReader, partition_count
 from engine.decode import DeadLetter, EventDecoder, Reason
 from engine.definitions import FeatureView, duration_ms, format_duration
 from engine.metrics import (
-    BATCH_LATENCY,
     CONSUMER_LAG,
     DEAD_LETTERS,
     EVENTS_ACCEPTED,
     EVENTS_IN,
-    FRESHNESS,
     LATE_EVENTS,
-    STORE_WRITE_ERRORS,
-    STORE_WRITE_SECONDS,
     WATERMARK,
 )
 from engine.observe import HEALTH
-from engine.state import TileUpdate
-from engine.tiles import TileLayout
-from engine.writer import BackgroundWriter
 
 _NO_TS = -(2.0**62)
 
@@ -51,24 +41,6 @@ STOP = threading.Event()
 def request_stop() -> None:
     """End the running dataflow cleanly (as on SIGTERM): no event is half-written."""
     STOP.set()
-
-
-def _instrument(store: str, view: str, write: Callable[[list[Any]], object]) -> Callable[[list[Any]], None]:
-    """``write``, timed; a failure is counted and reported to the health registry, then re-raised."""
-    seconds = STORE_WRITE_SECONDS.labels(store=store, view=view)
-    errors = STORE_WRITE_ERRORS.labels(store=store, view=view)
-
-    def timed(items: list[Any]) -> None:
-        start = time.perf_counter()
-        try:
-            write(items)
-        except Exception as exc:
-            errors.inc()
-            HEALTH.writer_failed(f"{store}:{view}", exc)
-            raise
-        seconds.observe(time.perf_counter() - start)
-
-    return timed
 
 
 @dataclass
@@ -252,150 +224,3 @@ class DecodingKafkaSource(FixedPartitionedSource[SourceBatch, dict]):
         return _DecodingPartition(
             self.view, reader, state.get("max_ts", _NO_TS), self.batch_size, self.poll_timeout
         )
-
-
-class _DeadLetterPartition(StatelessSinkPartition[DeadLetter]):
-    def __init__(self, bootstrap: str, topic: str, view: str, version: str) -> None:
-        self.producer = DeadLetterProducer(bootstrap)
-        self.topic = topic
-        self.view = view
-        self.version = version
-
-    def write_batch(self, items: list[DeadLetter]) -> None:
-        for letter in items:
-            self.producer.send(self.topic, letter, self.view, self.version)
-        self.producer.flush()
-
-    def close(self) -> None:
-        self.producer.flush()
-
-
-class DeadLetterSink(DynamicSink[DeadLetter]):
-    """Dead letters to ``<topic>.dlq``. Delivery: at least once (flushed per batch)."""
-
-    def __init__(self, bootstrap: str, topic: str, view: str, version: str = "") -> None:
-        self.args = (bootstrap, topic, view, version)
-
-    def build(self, step_id: str, worker_index: int, worker_count: int) -> _DeadLetterPartition:
-        return _DeadLetterPartition(*self.args)
-
-
-class _OfflinePartition(StatelessSinkPartition[pa.Table]):
-    """Buffers rows; flushes by size, by age on arrival, and by age on a timer when the stream is
-    quiet (Bytewax calls ``write_batch`` only when rows arrive)."""
-
-    def __init__(self, store: DeltaOfflineStore, view: FeatureView, rows: int, seconds: float) -> None:
-        uri = store.table_uri(view.name, view.version)
-        app = f"{view.name}:{view.version}"
-        self.writer: BackgroundWriter[pa.Table] = BackgroundWriter(
-            _instrument("delta", view.name, lambda tables: store.append(uri, pa.concat_tables(tables), app)),
-            depth=2,
-            name="offline-writer",
-        )
-        self.flush_rows = rows
-        self.flush_seconds = seconds
-        self.buffer: list[pa.Table] = []
-        self.buffered = 0
-        self.since = time.monotonic()
-        self.lock = threading.Lock()
-        self.closed = threading.Event()
-        self.timer = threading.Thread(target=self._tick, name="offline-flush", daemon=True)
-        self.timer.start()
-
-    def write_batch(self, items: list[pa.Table]) -> None:
-        with self.lock:
-            self.buffer.extend(items)
-            self.buffered += sum(t.num_rows for t in items)
-            due = self.buffered >= self.flush_rows or time.monotonic() - self.since >= self.flush_seconds
-        if due:
-            self.flush()
-
-    def flush(self) -> None:
-        with self.lock:
-            tables, self.buffer, self.buffered, self.since = self.buffer, [], 0, time.monotonic()
-            if tables:
-                self.writer.submit([pa.concat_tables(tables)])
-
-    def _tick(self) -> None:
-        while not self.closed.wait(max(0.05, self.flush_seconds / 2)):
-            if self.buffer and time.monotonic() - self.since >= self.flush_seconds:
-                try:
-                    self.flush()
-                except Exception:  # a writer error is raised to the dataflow on its next call
-                    return
-
-    def close(self) -> None:
-        self.closed.set()
-        self.timer.join()
-        self.flush()
-        self.writer.close()
-
-
-class OfflineSink(DynamicSink[pa.Table]):
-    """Accepted events to Delta, micro-batched by rows or seconds, committed off the dataflow thread.
-
-    Delivery: effectively-once (commits carry per-partition offsets; replays are filtered).
-    """
-
-    def __init__(self, store: DeltaOfflineStore, view: FeatureView, rows: int, seconds: float) -> None:
-        self.args = (store, view, rows, seconds)
-
-    def build(self, step_id: str, worker_index: int, worker_count: int) -> _OfflinePartition:
-        return _OfflinePartition(*self.args)
-
-
-@dataclass(frozen=True)
-class TimedUpdate:
-    """A tile update and the wall-clock time its source batch was read from Kafka."""
-
-    update: TileUpdate
-    read_at: float
-
-
-class _OnlinePartition(StatelessSinkPartition[TimedUpdate | TileUpdate]):
-    def __init__(self, url: str, prefix: str, view: FeatureView) -> None:
-        self.store = RedisOnlineStore(url, prefix)
-        namespace = self.store.namespace(view.name, view.version)
-        ttl_ms = duration_ms(view.effective_ttl)
-        row_bytes = TileLayout.of(view).row_bytes
-        self._write = _instrument(
-            "redis", view.name, lambda updates: self.store.write(namespace, updates, ttl_ms, row_bytes)
-        )
-        self._latency = BATCH_LATENCY.labels(view=view.name)
-        self._freshness = FRESHNESS.labels(view=view.name)
-        self.writer: BackgroundWriter[TimedUpdate | TileUpdate] = BackgroundWriter(
-            self._write_timed, depth=4, name="online-writer"
-        )
-
-    def _write_timed(self, items: list[TimedUpdate | TileUpdate]) -> None:
-        self._write([i.update if isinstance(i, TimedUpdate) else i for i in items])
-        done = time.time()
-        # One observation per source batch in this write (a batch spans several shards).
-        newest: dict[float | None, float] = {}
-        for item in items:
-            read_at, update = (item.read_at, item.update) if isinstance(item, TimedUpdate) else (None, item)
-            newest[read_at] = max(newest.get(read_at, update.max_ts), update.max_ts)
-        for read_at, max_ts in newest.items():
-            if read_at is not None:
-                self._latency.observe(done - read_at)
-            self._freshness.observe(done - max_ts / 1000)
-
-    def write_batch(self, items: list[TimedUpdate | TileUpdate]) -> None:
-        self.writer.submit(items)
-
-    def close(self) -> None:
-        self.writer.close()
-        self.store.client.close()
-
-
-class OnlineSink(DynamicSink[TimedUpdate | TileUpdate]):
-    """Changed tiles to Redis, written off the dataflow thread in submission order.
-
-    Delivery: effectively-once per entity (compare-and-set on the entity's event count).
-    """
-
-    def __init__(self, url: str, prefix: str, view: FeatureView) -> None:
-        self.args = (url, prefix, view)
-
-    def build(self, step_id: str, worker_index: int, worker_count: int) -> _OnlinePartition:
-        return _OnlinePartition(*self.args)

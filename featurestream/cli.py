@@ -50,6 +50,10 @@ def run(
     workers: Annotated[int, typer.Option("-w", "--workers", help="worker threads per process")] = 1,
     processes: Annotated[int, typer.Option("-p", "--processes", help="worker processes")] = 1,
     bounded: Annotated[bool, typer.Option(help="stop at the end of the topics as of start")] = False,
+    recovery_dir: Annotated[
+        Path | None, typer.Option(help="snapshot state here and resume from it after a restart")
+    ] = None,
+    snapshot_seconds: Annotated[float, typer.Option(help="snapshot (epoch) interval with recovery")] = 10.0,
 ) -> None:
     """Run a pipeline's feature views as a Bytewax dataflow (until stopped, or to the end with --bounded)."""
     from engine.dataflow import build_dataflow, run_dataflow
@@ -75,8 +79,13 @@ def run(
                 console.print(
                     f"metrics: http://localhost:{port}/metrics, health: http://localhost:{port}/healthz"
                 )
-            run_dataflow(flow, workers=workers)
+            run_dataflow(flow, workers=workers, recovery_dir=recovery_dir, snapshot_seconds=snapshot_seconds)
             return
+        if recovery_dir is not None:
+            raise FeaturestreamError(
+                "--recovery-dir runs one process; for several, start each with "
+                "`python -m bytewax.run ... -r DIR -i N -a ...`"
+            )
         base = metrics_port(settings, 0)
         if base:
             urls = ", ".join(f"http://localhost:{base + i}/metrics" for i in range(processes))

@@ -1,0 +1,296 @@
+"""Bytewax sinks: dead letters to Kafka, accepted rows to Delta, changed tiles to Redis.
+
+Store writes run on one background thread per process and view, so the dataflow computes while a
+store is busy. The store sinks are fixed-partitioned (online by shard, offline by source
+partition) so that Bytewax calls their ``snapshot`` at the end of every epoch: a snapshot drains
+the writer (and flushes buffered rows first), so with recovery enabled an epoch's snapshot is
+committed only once everything it produced is stored. Replays after a restart are harmless
+either way: Redis writes are compare-and-set on each entity's event count and Delta commits skip
+offsets they already hold.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import pyarrow as pa
+from bytewax.outputs import (
+    DynamicSink,
+    FixedPartitionedSink,
+    StatefulSinkPartition,
+    StatelessSinkPartition,
+)
+
+from connectors.delta_store import DeltaOfflineStore
+from connectors.kafka import DeadLetterProducer, partition_count
+from connectors.redis_store import RedisOnlineStore
+from engine.decode import DeadLetter
+from engine.definitions import FeatureView, duration_ms
+from engine.metrics import BATCH_LATENCY, FRESHNESS, STORE_WRITE_ERRORS, STORE_WRITE_SECONDS
+from engine.observe import HEALTH
+from engine.state import TileUpdate
+from engine.tiles import TileLayout
+from engine.writer import BackgroundWriter
+
+__all__ = ["DeadLetterSink", "OfflineSink", "OnlineSink", "TimedUpdate", "partition_key", "shard_key"]
+
+
+def shard_key(shard: int) -> str:
+    """Key of an entity shard; zero-padded so sorted keys follow shard numbers."""
+    return f"s{shard:04d}"
+
+
+def partition_key(partition: int) -> str:
+    """Key of a source partition's rows."""
+    return f"p{partition:05d}"
+
+
+def _index(item_key: str) -> int:
+    return int(item_key[1:])
+
+
+def _instrument(store: str, view: str, write: Callable[[list[Any]], object]) -> Callable[[list[Any]], None]:
+    """``write``, timed; a failure is counted and reported to the health registry, then re-raised."""
+    seconds = STORE_WRITE_SECONDS.labels(store=store, view=view)
+    errors = STORE_WRITE_ERRORS.labels(store=store, view=view)
+
+    def timed(items: list[Any]) -> None:
+        start = time.perf_counter()
+        try:
+            write(items)
+        except Exception as exc:
+            errors.inc()
+            HEALTH.writer_failed(f"{store}:{view}", exc)
+            raise
+        seconds.observe(time.perf_counter() - start)
+
+    return timed
+
+
+class _SharedWriters:
+    """One background writer per (store, view version) per process, shared by its partitions."""
+
+    _lock = threading.Lock()
+    _writers: dict[tuple[str, ...], list[Any]] = {}
+
+    @classmethod
+    def acquire(
+        cls, key: tuple[str, ...], make: Callable[[], BackgroundWriter[Any]]
+    ) -> BackgroundWriter[Any]:
+        with cls._lock:
+            entry = cls._writers.get(key)
+            if entry is None:
+                entry = cls._writers[key] = [make(), 0]
+            entry[1] += 1
+            return entry[0]
+
+    @classmethod
+    def release(cls, key: tuple[str, ...]) -> None:
+        with cls._lock:
+            entry = cls._writers[key]
+            entry[1] -= 1
+            if entry[1]:
+                return
+            del cls._writers[key]
+        entry[0].close()
+
+
+class _DeadLetterPartition(StatelessSinkPartition[DeadLetter]):
+    def __init__(self, bootstrap: str, topic: str, view: str, version: str) -> None:
+        self.producer = DeadLetterProducer(bootstrap)
+        self.topic = topic
+        self.view = view
+        self.version = version
+
+    def write_batch(self, items: list[DeadLetter]) -> None:
+        for letter in items:
+            self.producer.send(self.topic, letter, self.view, self.version)
+        self.producer.flush()
+
+    def close(self) -> None:
+        self.producer.flush()
+
+
+class DeadLetterSink(DynamicSink[DeadLetter]):
+    """Dead letters to ``<topic>.dlq``. Delivery: at least once (flushed per batch)."""
+
+    def __init__(self, bootstrap: str, topic: str, view: str, version: str = "") -> None:
+        self.args = (bootstrap, topic, view, version)
+
+    def build(self, step_id: str, worker_index: int, worker_count: int) -> _DeadLetterPartition:
+        return _DeadLetterPartition(*self.args)
+
+
+class _OfflinePartition(StatefulSinkPartition[pa.Table, None]):
+    """Buffers one source partition's rows; flushes by size, by age on arrival, by age on a timer
+    when the stream is quiet (Bytewax writes only when rows arrive), and at every snapshot."""
+
+    def __init__(
+        self, writer: BackgroundWriter[pa.Table], release: Callable[[], None], rows: int, seconds: float
+    ):
+        self.writer = writer
+        self.release = release
+        self.flush_rows = rows
+        self.flush_seconds = seconds
+        self.buffer: list[pa.Table] = []
+        self.buffered = 0
+        self.since = time.monotonic()
+        self.lock = threading.Lock()
+        self.closed = threading.Event()
+        self.timer = threading.Thread(target=self._tick, name="offline-flush", daemon=True)
+        self.timer.start()
+
+    def write_batch(self, items: list[pa.Table]) -> None:
+        with self.lock:
+            self.buffer.extend(items)
+            self.buffered += sum(t.num_rows for t in items)
+            due = self.buffered >= self.flush_rows or time.monotonic() - self.since >= self.flush_seconds
+        if due:
+            self.flush()
+
+    def flush(self) -> None:
+        with self.lock:
+            tables, self.buffer, self.buffered, self.since = self.buffer, [], 0, time.monotonic()
+            if tables:
+                self.writer.submit([pa.concat_tables(tables)])
+
+    def snapshot(self) -> None:
+        self.flush()
+        self.writer.drain()
+
+    def _tick(self) -> None:
+        while not self.closed.wait(max(0.05, self.flush_seconds / 2)):
+            if self.buffer and time.monotonic() - self.since >= self.flush_seconds:
+                try:
+                    self.flush()
+                except Exception:  # a writer error is raised to the dataflow on its next call
+                    return
+
+    def close(self) -> None:
+        self.closed.set()
+        self.timer.join()
+        self.flush()
+        self.writer.drain()
+        self.release()
+
+
+class OfflineSink(FixedPartitionedSink[pa.Table, None]):
+    """Accepted events to Delta, keyed by source partition, micro-batched by rows or seconds.
+
+    Delivery: effectively-once (commits carry per-partition offsets; replays are filtered).
+    """
+
+    def __init__(
+        self, store: DeltaOfflineStore, view: FeatureView, bootstrap: str, rows: int, seconds: float
+    ) -> None:
+        self.store = store
+        self.view = view
+        self.bootstrap = bootstrap
+        self.rows = rows
+        self.seconds = seconds
+
+    def list_parts(self) -> list[str]:
+        return [partition_key(p) for p in range(partition_count(self.bootstrap, self.view.source.topic))]
+
+    def part_fn(self, item_key: str) -> int:
+        return _index(item_key)
+
+    def build_part(self, step_id: str, for_part: str, resume_state: None) -> _OfflinePartition:
+        view, store = self.view, self.store
+        uri = store.table_uri(view.name, view.version)
+        app = f"{view.name}:{view.version}"
+        key = ("delta", uri)
+
+        def make() -> BackgroundWriter[pa.Table]:
+            write = _instrument(
+                "delta", view.name, lambda tables: store.append(uri, pa.concat_tables(tables), app)
+            )
+            return BackgroundWriter(write, depth=2, name="offline-writer")
+
+        writer = _SharedWriters.acquire(key, make)
+        return _OfflinePartition(writer, lambda: _SharedWriters.release(key), self.rows, self.seconds)
+
+
+@dataclass
+class TimedUpdate:
+    """A tile update and the wall-clock time its source batch was read from Kafka."""
+
+    update: TileUpdate
+    read_at: float
+
+
+class _OnlineWrite:
+    """Writes tile updates to Redis and records batch latency and freshness."""
+
+    def __init__(self, url: str, prefix: str, view: FeatureView) -> None:
+        self.store = RedisOnlineStore(url, prefix)
+        namespace = self.store.namespace(view.name, view.version)
+        ttl_ms = duration_ms(view.effective_ttl)
+        row_bytes = TileLayout.of(view).row_bytes
+        self._write = _instrument(
+            "redis", view.name, lambda updates: self.store.write(namespace, updates, ttl_ms, row_bytes)
+        )
+        self._latency = BATCH_LATENCY.labels(view=view.name)
+        self._freshness = FRESHNESS.labels(view=view.name)
+
+    def __call__(self, items: list[TimedUpdate | TileUpdate]) -> None:
+        self._write([i.update if isinstance(i, TimedUpdate) else i for i in items])
+        done = time.time()
+        # One observation per source batch in this write (a batch spans several shards).
+        newest: dict[float | None, float] = {}
+        for item in items:
+            read_at, update = (item.read_at, item.update) if isinstance(item, TimedUpdate) else (None, item)
+            newest[read_at] = max(newest.get(read_at, update.max_ts), update.max_ts)
+        for read_at, max_ts in newest.items():
+            if read_at is not None:
+                self._latency.observe(done - read_at)
+            self._freshness.observe(done - max_ts / 1000)
+
+
+class _OnlinePartition(StatefulSinkPartition[TimedUpdate | TileUpdate, None]):
+    def __init__(self, writer: BackgroundWriter[Any], release: Callable[[], None]) -> None:
+        self.writer = writer
+        self.release = release
+
+    def write_batch(self, items: list[TimedUpdate | TileUpdate]) -> None:
+        self.writer.submit(items)
+
+    def snapshot(self) -> None:
+        self.writer.drain()
+
+    def close(self) -> None:
+        self.writer.drain()
+        self.release()
+
+
+class OnlineSink(FixedPartitionedSink[TimedUpdate | TileUpdate, None]):
+    """Changed tiles to Redis, keyed by entity shard, written in order per shard.
+
+    Delivery: effectively-once per entity (compare-and-set on the entity's event count).
+    """
+
+    def __init__(self, url: str, prefix: str, view: FeatureView, shards: int) -> None:
+        self.url = url
+        self.prefix = prefix
+        self.view = view
+        self.shards = shards
+
+    def list_parts(self) -> list[str]:
+        return [shard_key(i) for i in range(self.shards)]
+
+    def part_fn(self, item_key: str) -> int:
+        return _index(item_key)
+
+    def build_part(self, step_id: str, for_part: str, resume_state: None) -> _OnlinePartition:
+        key = ("redis", self.url, self.prefix, self.view.name, self.view.version)
+
+        def make() -> BackgroundWriter[Any]:
+            write = _OnlineWrite(self.url, self.prefix, self.view)
+            return BackgroundWriter(write, depth=4, name="online-writer")
+
+        writer = _SharedWriters.acquire(key, make)
+        return _OnlinePartition(writer, lambda: _SharedWriters.release(key))
