@@ -53,6 +53,18 @@ def _events(start: int, n: int) -> list[dict]:
     ]
 
 
+def _env(services: Services, tmp_path: Path, prefix: str) -> dict[str, str]:
+    return {
+        **os.environ,
+        "FEATURESTREAM_KAFKA_BOOTSTRAP_SERVERS": services.kafka,
+        "FEATURESTREAM_REDIS_URL": services.redis_url,
+        "FEATURESTREAM_DELTA_URI": str(tmp_path / "delta"),
+        "FEATURESTREAM_REDIS_PREFIX": prefix,
+        "FEATURESTREAM_STATE_DIR": str(tmp_path / "state"),
+        "FEATURESTREAM_METRICS_PORT": "0",
+    }
+
+
 def _worker(pipeline: Path, recovery: Path, env: dict[str, str]) -> subprocess.Popen:
     cmd = [sys.executable, "-m", "bytewax.run", f"{pipeline}:flow", "-r", str(recovery), "-s", "1", "-b", "0"]
     return subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
@@ -67,15 +79,7 @@ def test_killed_worker_resumes_exactly(services: Services, topic, tmp_path: Path
     recovery.mkdir()
     subprocess.run([sys.executable, "-m", "bytewax.recovery", str(recovery), "1"], check=True)
     prefix = unique("rec")
-    env = {
-        **os.environ,
-        "FEATURESTREAM_KAFKA_BOOTSTRAP_SERVERS": services.kafka,
-        "FEATURESTREAM_REDIS_URL": services.redis_url,
-        "FEATURESTREAM_DELTA_URI": str(tmp_path / "delta"),
-        "FEATURESTREAM_REDIS_PREFIX": prefix,
-        "FEATURESTREAM_STATE_DIR": str(tmp_path / "state"),
-        "FEATURESTREAM_METRICS_PORT": "0",
-    }
+    env = _env(services, tmp_path, prefix)
     offline = DeltaOfflineStore(str(tmp_path / "delta"))
     uri = offline.table_uri(view.name, view.version)
 
@@ -131,15 +135,7 @@ def test_run_with_recovery_dir_resumes_without_rereading(services: Services, top
     pipeline = tmp_path / "pay.py"
     pipeline.write_text(PIPELINE.format(topic=name))
     prefix = unique("rec")
-    env = {
-        **os.environ,
-        "FEATURESTREAM_KAFKA_BOOTSTRAP_SERVERS": services.kafka,
-        "FEATURESTREAM_REDIS_URL": services.redis_url,
-        "FEATURESTREAM_DELTA_URI": str(tmp_path / "delta"),
-        "FEATURESTREAM_REDIS_PREFIX": prefix,
-        "FEATURESTREAM_STATE_DIR": str(tmp_path / "state"),
-        "FEATURESTREAM_METRICS_PORT": "0",
-    }
+    env = _env(services, tmp_path, prefix)
     cmd = [
         sys.executable,
         "-m",

@@ -37,6 +37,18 @@ def _view(topic: str, window: str) -> FeatureView:
     )
 
 
+def _store(
+    views: list[FeatureView], runtime: RuntimeConfig, registry: Registry | None = None
+) -> FeatureStore:
+    return FeatureStore(
+        views,
+        redis_url=runtime.redis_url,
+        delta_uri=runtime.delta_uri,
+        redis_prefix=runtime.redis_prefix,
+        registry=registry,
+    )
+
+
 def _settings(tmp_path: Path, runtime: RuntimeConfig) -> Settings:
     return Settings(
         registry_url=f"sqlite:///{tmp_path / 'registry.db'}",
@@ -71,13 +83,7 @@ def test_breaking_change_is_served_side_by_side_until_retired(
     )
     run_views(served_views([new], settings), runtime)
 
-    store = FeatureStore(
-        [new],
-        redis_url=runtime.redis_url,
-        delta_uri=runtime.delta_uri,
-        redis_prefix=runtime.redis_prefix,
-        registry=registry,
-    )
+    store = _store([new], runtime, registry)
     at = datetime.fromtimestamp(t0 / 1000, UTC)
     got = store.get_online_features(["spend:amount_sum", "spend@1:amount_sum"], ["u1"], as_of=at)
     assert got.values == {"spend:amount_sum": [6.0], "spend@1:amount_sum": [5.0]}
@@ -87,25 +93,13 @@ def test_breaking_change_is_served_side_by_side_until_retired(
     assert offline.column("spend@1:amount_sum").to_pylist() == [5.0]
 
     deprecate(registry, "spend", 1, retire_after=datetime(2030, 1, 1, tzinfo=UTC))
-    fresh = FeatureStore(
-        [new],
-        redis_url=runtime.redis_url,
-        delta_uri=runtime.delta_uri,
-        redis_prefix=runtime.redis_prefix,
-        registry=registry,
-    )
+    fresh = _store([new], runtime, registry)
     with pytest.warns(DeprecationWarning, match="spend@1 is deprecated"):
         fresh.get_online_features(["spend@1:amount_sum"], ["u1"], as_of=at)
 
     retire(registry, "spend", 1)
     assert served_views([new], settings) == [new]
-    gone = FeatureStore(
-        [new],
-        redis_url=runtime.redis_url,
-        delta_uri=runtime.delta_uri,
-        redis_prefix=runtime.redis_prefix,
-        registry=registry,
-    )
+    gone = _store([new], runtime, registry)
     with pytest.raises(RegistryError, match="retired"):
         gone.get_online_features(["spend@1:amount_sum"], ["u1"], as_of=at)
     registry.close()
