@@ -21,7 +21,7 @@ from engine.definitions import Aggregation, Entity, EventSource, FeatureView, Fi
 from engine.reads import online_values, point_in_time_values
 from engine.state import TileState
 from engine.tiles import TileLayout
-from tests.test_tiles import (
+from tests.tiles_helpers import (
     BIG_RETENTION,
     ENTITIES,
     FUNCTIONS,

@@ -1,26 +1,22 @@
-"""Feature view versions: classification, immutable versions, lifecycle, concurrency and the CLI.
+"""Feature view versions: classification, immutable versions and their lifecycle.
 
-Every registry test runs on SQLite and on PostgreSQL (see tests/registry_fixtures.py).
+Every registry test runs on SQLite and on PostgreSQL (see tests/registry_fixtures.py). Concurrent
+applies are in ``tests/test_registry_versions_concurrency.py``, the CLI in
+``tests/test_registry_versions_cli.py``.
 """
 
 from __future__ import annotations
 
-import multiprocessing as mp
-import os
-import subprocess
-import sys
-import traceback
 from datetime import UTC, datetime
-from pathlib import Path
 from typing import Any
 
 import pytest
 from sqlalchemy import func, select
 
-from engine.definitions import Aggregation, DriftThresholds, Entity, EventSource, FeatureView, Field, Window
+from engine.definitions import Aggregation, DriftThresholds, Entity, FeatureView, Field, Window
 from registry.core import Registry, RegistryError
 from registry.diff import diff_views
-from registry.schema import view_changes, view_versions
+from registry.schema import view_versions
 from registry.versions import (
     apply,
     deprecate,
@@ -32,41 +28,12 @@ from registry.versions import (
     versions,
 )
 from tests.registry_fixtures import *  # noqa: F403
-
-AMOUNT = Field(name="amount", dtype="float")
-USER = Field(name="user_id", dtype="str")
-SUM_1H = Aggregation(function="sum", column="amount", window="1h", name="amount_sum_1h")
-COUNT_1H = Aggregation(function="count", window="1h")
-
-
-def make_view(
-    name: str = "spend",
-    aggs: tuple[Aggregation, ...] = (SUM_1H, COUNT_1H),
-    fields: tuple[Field, ...] = (USER, AMOUNT),
-    topic: str = "payments",
-    **over: Any,
-) -> FeatureView:
-    source = EventSource(name="payments", topic=topic, timestamp_field="ts", fields=fields)
-    values: dict[str, Any] = {
-        "owner": "risk",
-        "description": "Spend per user.",
-        "tags": {"domain": "payments"},
-        "tile_size": "1m",
-        "allowed_lateness": "2m",
-        **over,
-    }
-    entity = Entity(name="user", join_keys=("user_id",))
-    return FeatureView(name=name, entity=entity, source=source, aggregations=aggs, **values)
+from tests.registry_helpers import AMOUNT, COUNT_1H, SUM_1H, USER, _change_kinds, make_view
 
 
 def _count(registry: Registry, table: Any = view_versions) -> int:
     with registry.read() as conn:
         return int(conn.execute(select(func.count()).select_from(table)).scalar() or 0)
-
-
-def _change_kinds(registry: Registry) -> list[str]:
-    with registry.read() as conn:
-        return list(conn.execute(select(view_changes.c.kind).order_by(view_changes.c.id)).scalars())
 
 
 # --- classification (pure) ---------------------------------------------------------------------------
@@ -276,126 +243,3 @@ def test_errors_name_the_view_and_the_fix(registry: Registry) -> None:
     with pytest.raises(RegistryError, match=r"\['spend'\] are given more than once"):
         apply(registry, [make_view(), make_view(aggs=(SUM_1H,))])
     assert versions(registry) == versions(registry, "spend") and _count(registry) == 1
-
-
-# --- concurrency ------------------------------------------------------------------------------------
-
-DEFINITIONS = [
-    make_view(aggs=(SUM_1H.model_copy(update={"window": f"{h}h"}), COUNT_1H)).model_dump(mode="json")
-    for h in (1, 2, 3, 4, 5)
-]
-
-
-def _apply_worker(url: str, proc: int, barrier: Any, out: Any) -> None:
-    try:
-        reg = Registry(url)
-        order = [0] + [(i + proc) % len(DEFINITIONS) for i in range(len(DEFINITIONS))] * 3
-        barrier.wait(timeout=60)
-        got = []
-        for i in order:
-            [ch] = apply(reg, [FeatureView(**DEFINITIONS[i])])
-            got.append((ch.proposed.version, ch.result.seq))  # type: ignore[union-attr]
-        reg.close()
-        out.put((proc, got))
-    except BaseException:
-        out.put((proc, traceback.format_exc()))
-
-
-def test_concurrent_applies_never_duplicate_or_lose_versions(registry: Registry, registry_url: str) -> None:
-    ctx = mp.get_context("spawn")
-    n = 4
-    barrier, out = ctx.Barrier(n), ctx.Queue()
-    procs = [ctx.Process(target=_apply_worker, args=(registry_url, p, barrier, out)) for p in range(n)]
-    for p in procs:
-        p.start()
-    results = dict(out.get(timeout=120) for _ in procs)
-    for p in procs:
-        p.join(30)
-    assert all(isinstance(r, list) for r in results.values()), results
-    assert [p.exitcode for p in procs] == [0] * n
-
-    rows = versions(registry, "spend")
-    expected = {FeatureView(**d).version for d in DEFINITIONS}
-    assert [v.seq for v in rows] == list(range(1, len(DEFINITIONS) + 1))
-    assert sorted(v.version_hash for v in rows) == sorted(expected)
-    seq_of = {v.version_hash: v.seq for v in rows}
-    for got in results.values():
-        assert all(seq_of[h] == seq for h, seq in got)  # every process saw the same numbering
-    assert _change_kinds(registry) == ["new"] + ["breaking"] * (len(DEFINITIONS) - 1)  # one per version
-
-
-# --- CLI ------------------------------------------------------------------------------------------
-
-PIPELINE = """
-from featurestream import Aggregation, Entity, EventSource, FeatureView, Field
-
-source = EventSource(
-    name="clicks", topic="clicks", timestamp_field="ts",
-    fields=(Field(name="user_id", dtype="str"), Field(name="value", dtype="float")),
-)
-clicks = FeatureView(
-    name="clicks", entity=Entity(name="user", join_keys=("user_id",)), source=source,
-    aggregations=(
-        Aggregation(function="count", window="1h"),
-        {extra}
-    ),
-    owner="web",
-)
-"""
-
-
-def _cli(env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:
-    cmd = [sys.executable, "-m", "featurestream.cli", *args]
-    return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=60)
-
-
-def test_cli_plan_apply_versions_deprecate_retire(tmp_path: Path) -> None:
-    pipes = tmp_path / "pipes"
-    pipes.mkdir()
-    (pipes / "helpers.py").write_text("WINDOWS = ('1h',)\n")  # defines no views: skipped
-    pipeline = pipes / "clicks.py"
-    pipeline.write_text(PIPELINE.format(extra=""))
-    env = {
-        **os.environ,
-        "FEATURESTREAM_REGISTRY_URL": f"sqlite:///{tmp_path / 'registry.db'}",
-        "FEATURESTREAM_STATE_DIR": str(tmp_path / "state"),
-        "COLUMNS": "200",
-    }
-
-    out = _cli(env, "plan", str(pipeline))
-    assert out.returncode == 0, out.stdout + out.stderr
-    assert "clicks" in out.stdout and "new" in out.stdout and "plan: 1 new" in out.stdout
-    assert not (tmp_path / "state").exists()  # the configured registry, not the default one
-
-    out = _cli(env, "apply", str(pipes))
-    assert out.returncode == 0, out.stdout + out.stderr
-    assert "clicks@1" in out.stdout and "applied: 1 new" in out.stdout
-    assert "applied: 1 unchanged" in _cli(env, "apply", str(pipes)).stdout
-
-    pipeline.write_text(PIPELINE.format(extra='Aggregation(function="sum", column="value", window="1h"),'))
-    out = _cli(env, "apply", str(pipes))
-    assert out.returncode == 0, out.stdout + out.stderr
-    assert "additive" in out.stdout and "clicks@2" in out.stdout and "value_sum_1h: added" in out.stdout
-
-    pipeline.write_text(PIPELINE.format(extra='Aggregation(function="sum", column="value", window="2h"),'))
-    out = _cli(env, "plan", str(pipes))
-    assert out.returncode == 0 and "breaking: clicks" in out.stdout
-    assert "window 1h -> 2h" in out.stdout and "yes" in out.stdout
-
-    out = _cli(env, "deprecate", "clicks", "1", "--retire-after", "2030-01-31")
-    assert out.returncode == 0 and "deprecated clicks@1 (may be retired after 2030-01-31)" in out.stdout
-    assert _cli(env, "retire", "clicks", "1").stdout.strip() == "retired clicks@1"
-    out = _cli(env, "versions", "clicks")
-    assert out.returncode == 0
-    lines = {ln.split()[1]: ln for ln in out.stdout.splitlines() if "clicks@" in ln}
-    assert "retired" in lines["clicks@1"] and "2030-01-31" in lines["clicks@1"]
-    assert "active" in lines["clicks@2"] and "web" in lines["clicks@2"]
-
-    for args, needle in [
-        (("versions", "nosuch"), "no feature view 'nosuch'"),
-        (("retire", "clicks", "7"), "has no version 7"),
-        (("deprecate", "clicks", "2", "--retire-after", "31/01/2030"), "use YYYY-MM-DD"),
-        (("apply", str(tmp_path / "missing.py")), "does not exist"),
-    ]:
-        out = _cli(env, *args)
-        assert out.returncode == 2 and "error:" in out.stdout and needle in out.stdout, (args, out.stdout)
