@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import json
+import os
 import uuid
 from collections.abc import Iterable
+from pathlib import Path
 from typing import Any
 
 from confluent_kafka import OFFSET_BEGINNING, Consumer, Producer, TopicPartition
@@ -12,6 +14,21 @@ from confluent_kafka import OFFSET_BEGINNING, Consumer, Producer, TopicPartition
 from connectors.kafka import ensure_topic, partition_count
 from engine.dataflow import RuntimeConfig, build_dataflow, run_dataflow
 from engine.definitions import FeatureView
+
+
+def worker_env(
+    kafka: str, redis_url: str, tmp_path: Path, prefix: str, metrics_port: int = 0
+) -> dict[str, str]:
+    """Environment of a worker subprocess using the test services, its own key prefix and Delta dir."""
+    return {
+        **os.environ,
+        "FEATURESTREAM_KAFKA_BOOTSTRAP_SERVERS": kafka,
+        "FEATURESTREAM_REDIS_URL": redis_url,
+        "FEATURESTREAM_DELTA_URI": str(tmp_path / "delta"),
+        "FEATURESTREAM_REDIS_PREFIX": prefix,
+        "FEATURESTREAM_STATE_DIR": str(tmp_path / "state"),
+        "FEATURESTREAM_METRICS_PORT": str(metrics_port),
+    }
 
 
 def unique(prefix: str) -> str:

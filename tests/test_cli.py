@@ -13,7 +13,7 @@ import pytest
 from featurestream.client import FeatureStore
 from featurestream.runtime import load_views
 from tests.conftest import Services
-from tests.support import produce, unique
+from tests.support import produce, unique, worker_env
 
 T0 = 1_700_000_000_000
 CLI = [sys.executable, "-m", "featurestream.cli"]
@@ -45,15 +45,7 @@ def __getattr__(name):
 
 
 def _env(services: Services, tmp_path: Path, prefix: str) -> dict[str, str]:
-    return {
-        **os.environ,
-        "FEATURESTREAM_KAFKA_BOOTSTRAP_SERVERS": services.kafka,
-        "FEATURESTREAM_REDIS_URL": services.redis_url,
-        "FEATURESTREAM_DELTA_URI": str(tmp_path / "delta"),
-        "FEATURESTREAM_REDIS_PREFIX": prefix,
-        "FEATURESTREAM_STATE_DIR": str(tmp_path / "state"),
-        "FEATURESTREAM_METRICS_PORT": "0",
-    }
+    return worker_env(services.kafka, services.redis_url, tmp_path, prefix)
 
 
 def _pipeline(tmp_path: Path, topic: str) -> Path:

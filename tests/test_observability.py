@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import signal
 import socket
 import subprocess
@@ -21,7 +20,7 @@ from engine.observe import Health, MetricsPortError, serve, stop
 from featurestream.config import Settings
 from featurestream.runtime import metrics_port
 from tests.conftest import Services
-from tests.support import unique
+from tests.support import unique, worker_env
 
 LATENESS_MS = 3_600_000
 PIPELINE = """
@@ -109,15 +108,7 @@ def test_worker_exposes_exact_metrics_and_health(services: Services, topic, tmp_
     port = _free_port()
     pipeline = tmp_path / "clicks_pipeline.py"
     pipeline.write_text(PIPELINE.format(topic=name))
-    env = {
-        **os.environ,
-        "FEATURESTREAM_KAFKA_BOOTSTRAP_SERVERS": services.kafka,
-        "FEATURESTREAM_REDIS_URL": services.redis_url,
-        "FEATURESTREAM_DELTA_URI": str(tmp_path / "delta"),
-        "FEATURESTREAM_REDIS_PREFIX": unique("obs"),
-        "FEATURESTREAM_STATE_DIR": str(tmp_path / "state"),
-        "FEATURESTREAM_METRICS_PORT": str(port),
-    }
+    env = worker_env(services.kafka, services.redis_url, tmp_path, unique("obs"), port)
     proc = subprocess.Popen(
         [sys.executable, "-m", "featurestream.cli", "run", str(pipeline)],
         env=env,

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import shutil
 import signal
 import subprocess
@@ -17,7 +16,7 @@ from connectors.delta_store import DeltaOfflineStore
 from featurestream.client import FeatureStore
 from featurestream.runtime import load_views
 from tests.conftest import Services
-from tests.support import produce, unique
+from tests.support import produce, unique, worker_env
 
 T0 = 1_700_000_000_000
 
@@ -54,15 +53,7 @@ def _events(start: int, n: int) -> list[dict]:
 
 
 def _env(services: Services, tmp_path: Path, prefix: str) -> dict[str, str]:
-    return {
-        **os.environ,
-        "FEATURESTREAM_KAFKA_BOOTSTRAP_SERVERS": services.kafka,
-        "FEATURESTREAM_REDIS_URL": services.redis_url,
-        "FEATURESTREAM_DELTA_URI": str(tmp_path / "delta"),
-        "FEATURESTREAM_REDIS_PREFIX": prefix,
-        "FEATURESTREAM_STATE_DIR": str(tmp_path / "state"),
-        "FEATURESTREAM_METRICS_PORT": "0",
-    }
+    return worker_env(services.kafka, services.redis_url, tmp_path, prefix)
 
 
 def _worker(pipeline: Path, recovery: Path, env: dict[str, str]) -> subprocess.Popen:
