@@ -88,7 +88,7 @@ class EventDecoder:
             spec.append((f.name, t | None, None) if f.nullable else (f.name, t))
         struct = msgspec.defstruct("Event", spec, kw_only=True)
         self._one = msgspec.json.Decoder(struct)
-        self.text_columns = tuple(c for c in self.columns if src.field(c).dtype == "str")  # type: ignore[union-attr]
+        self.text_columns = view.text_columns
 
     def decode(self, values: list[bytes]) -> DecodedEvents:
         # One decode per message (faster than joining them, and no message can bleed into

@@ -221,6 +221,11 @@ class FeatureView(_Definition):
         return self.ttl or (self.max_lookback + self.tile_size)
 
     @cached_property
+    def text_columns(self) -> tuple[str, ...]:
+        """Aggregated text columns: only ever counted, stored offline as text."""
+        return tuple(c for c in self.columns if self.source.field(c).dtype == "str")  # type: ignore[union-attr]
+
+    @cached_property
     def columns(self) -> tuple[str, ...]:
         """Aggregated columns, each once, in declaration order (the tile layout)."""
         seen: dict[str, None] = {}

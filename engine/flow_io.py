@@ -1,4 +1,4 @@
-"""Bytewax adapters: the decoding Kafka source and the dead-letter, offline and online sinks.
+"""Bytewax input: the decoding Kafka source (the sinks are in :mod:`engine.sinks`).
 
 Each source partition is one Kafka partition. It emits one item per micro-batch (columns, not
 events), so Bytewax's per-item cost is paid per batch. Its snapshot is the next offset and the

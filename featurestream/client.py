@@ -387,5 +387,4 @@ def _arrow_values(vals: np.ndarray, agg: Aggregation) -> pa.Array:
 
 
 def _empty_events(view: FeatureView) -> pa.Table:
-    text = tuple(c for c in view.columns if view.source.field(c).dtype == "str")  # type: ignore[union-attr]
-    return event_schema(view.columns, text).empty_table()
+    return event_schema(view.columns, view.text_columns).empty_table()

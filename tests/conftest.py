@@ -17,7 +17,7 @@ import redis
 
 from engine.dataflow import RuntimeConfig
 from featurestream.services import EphemeralServices
-from tests.support import create_topic, unique
+from tests.support import create_topic, make_runtime, unique
 
 
 @dataclass(frozen=True)
@@ -50,15 +50,7 @@ def topic(services: Services) -> Callable[..., str]:
 @pytest.fixture
 def runtime(services: Services, tmp_path: Path) -> RuntimeConfig:
     """A runtime isolated to this test: own Redis key prefix, own Delta root, bounded run."""
-    return RuntimeConfig(
-        kafka_bootstrap_servers=services.kafka,
-        redis_url=services.redis_url,
-        redis_prefix=unique("test"),
-        delta_uri=str(tmp_path / "delta"),
-        stop_at_end=True,
-        batch_size=5_000,
-        poll_timeout_seconds=0.02,
-    )
+    return make_runtime(services.kafka, services.redis_url, tmp_path, "test")
 
 
 @pytest.fixture

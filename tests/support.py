@@ -31,6 +31,19 @@ def worker_env(
     }
 
 
+def make_runtime(kafka: str, redis_url: str, delta_dir: Path, prefix: str) -> RuntimeConfig:
+    """A bounded runtime isolated by its own Redis key prefix and Delta root, small batches."""
+    return RuntimeConfig(
+        kafka_bootstrap_servers=kafka,
+        redis_url=redis_url,
+        redis_prefix=unique(prefix),
+        delta_uri=str(delta_dir / "delta"),
+        stop_at_end=True,
+        batch_size=5_000,
+        poll_timeout_seconds=0.02,
+    )
+
+
 def unique(prefix: str) -> str:
     return f"{prefix}-{uuid.uuid4().hex[:10]}"
 

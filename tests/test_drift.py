@@ -34,7 +34,7 @@ from registry.drift import (
 from registry.versions import apply
 from tests.conftest import Services
 from tests.registry_fixtures import *  # noqa: F403
-from tests.support import create_topic, produce, run_views, unique
+from tests.support import create_topic, make_runtime, produce, run_views, unique
 
 H = 3_600_000
 HOURS = 6  # hours 0-2 are the baseline period; from hour 3 on, amounts are 3x larger
@@ -154,15 +154,7 @@ def stream(services: Services, tmp_path_factory: pytest.TempPathFactory) -> Stre
     t0 = int(datetime.now(UTC).timestamp() * 1000) // H * H - HOURS * H
     events, active = _events(t0)
     produce(services.kafka, topic, events, key_field="user_id")
-    runtime = RuntimeConfig(
-        kafka_bootstrap_servers=services.kafka,
-        redis_url=services.redis_url,
-        redis_prefix=unique("drift"),
-        delta_uri=str(tmp / "delta"),
-        stop_at_end=True,
-        batch_size=5_000,
-        poll_timeout_seconds=0.02,
-    )
+    runtime = make_runtime(services.kafka, services.redis_url, tmp, "drift")
     run_views([view], runtime)
     store = FeatureStore(
         [view], redis_url=runtime.redis_url, delta_uri=runtime.delta_uri, redis_prefix=runtime.redis_prefix
