@@ -2,12 +2,15 @@
 
 ./run bench                      # 1M events, 10k entities, 3 windows x 4 aggregations
 ./run bench --events 200000      # quicker
+./run bench soak --help          # lost/duplicated events under repeated kills (benchmarks/soak.py)
+./run bench serve                # feature server p50/p99 and requests/s (benchmarks/serve.py)
 """
 
 from __future__ import annotations
 
 import argparse
 import resource
+import sys
 import tempfile
 import time
 from datetime import UTC, datetime
@@ -66,6 +69,14 @@ def latency(fn, n: int) -> tuple[float, float]:
 
 
 def main() -> None:
+    if sys.argv[1:2] == ["soak"]:
+        from benchmarks.soak import main as soak
+
+        sys.exit(soak(sys.argv[2:]))
+    if sys.argv[1:2] == ["serve"]:
+        from benchmarks.serve import main as serve
+
+        sys.exit(serve(sys.argv[2:]))
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--events", type=int, default=1_000_000)
     ap.add_argument("--entities", type=int, default=10_000)

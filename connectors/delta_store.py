@@ -4,10 +4,17 @@ Every commit records, per source partition, the highest offset it contains as a 
 transaction (``{view}:{version}:{topic}:{partition}`` -> offset). Before writing, rows at or
 below the recorded offset are dropped, so a replayed batch is never stored twice
 (effectively-once), and concurrent writers of different partitions never conflict.
+
+When the broker gives topic ids, the same offset is also recorded under
+``{view}:{version}:{topic}:{partition}@{topic id}``. Offsets of a recreated topic (a new id) are
+then told apart from a replay: :meth:`DeltaOfflineStore.stored_position` reports whether the
+stored offsets belong to the topic as it is now, and the sink refuses to write otherwise.
 """
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+from dataclasses import dataclass
 from datetime import datetime
 
 import numpy as np
@@ -18,7 +25,7 @@ from deltalake.exceptions import TableNotFoundError
 
 from engine.errors import StoreError
 
-__all__ = ["DeltaOfflineStore", "event_schema"]
+__all__ = ["DeltaOfflineStore", "StoredPosition", "event_schema", "partition_app"]
 
 
 def event_schema(columns: tuple[str, ...], text_columns: tuple[str, ...] = ()) -> pa.Schema:
@@ -34,6 +41,21 @@ def event_schema(columns: tuple[str, ...], text_columns: tuple[str, ...] = ()) -
             ("date", pa.date32()),
         ]
     )
+
+
+def partition_app(app_prefix: str, topic: str, partition: int, topic_id: str | None = None) -> str:
+    """App-transaction id of a source partition's offsets (of one topic identity with ``topic_id``)."""
+    app = f"{app_prefix}:{topic}:{partition}"
+    return f"{app}@{topic_id}" if topic_id else app
+
+
+@dataclass(frozen=True)
+class StoredPosition:
+    """What a table holds of one source partition: its highest offset, and whether that offset
+    was recorded for the topic id asked about (``None``: no id asked about)."""
+
+    offset: int | None
+    same_topic: bool | None
 
 
 class DeltaOfflineStore:
@@ -71,8 +93,25 @@ class DeltaOfflineStore:
                 out[app] = v
         return out
 
-    def append(self, uri: str, rows: pa.Table, app_prefix: str) -> int:
-        """Append rows not yet stored; returns how many were written."""
+    def stored_position(
+        self, uri: str, app_prefix: str, topic: str, partition: int, topic_id: str | None
+    ) -> StoredPosition:
+        """The highest stored offset of a source partition, and whether it belongs to ``topic_id``."""
+        apps = [partition_app(app_prefix, topic, partition)]
+        if topic_id:
+            apps.append(partition_app(app_prefix, topic, partition, topic_id))
+        done = self.committed_offsets(uri, apps)
+        offset = done.get(apps[0])
+        same = None if not topic_id or offset is None else apps[1] in done
+        return StoredPosition(offset, same)
+
+    def append(
+        self, uri: str, rows: pa.Table, app_prefix: str, topic_ids: Mapping[str, str | None] | None = None
+    ) -> int:
+        """Append rows not yet stored; returns how many were written.
+
+        ``topic_ids`` (topic -> id) records the offsets under each topic's identity as well.
+        """
         if rows.num_rows == 0:
             return 0
         topics = rows.column("_topic").to_numpy(zero_copy_only=False)
@@ -80,7 +119,8 @@ class DeltaOfflineStore:
         offsets = rows.column("_offset").to_numpy()
         pairs = rows.group_by(["_topic", "_partition"]).aggregate([]).to_pylist()
         apps = {
-            (r["_topic"], r["_partition"]): f"{app_prefix}:{r['_topic']}:{r['_partition']}" for r in pairs
+            (r["_topic"], r["_partition"]): partition_app(app_prefix, r["_topic"], r["_partition"])
+            for r in pairs
         }
         done = self.committed_offsets(uri, list(apps.values()))
         keep = np.ones(rows.num_rows, dtype=bool)
@@ -91,7 +131,11 @@ class DeltaOfflineStore:
                 keep &= ~mine | (offsets > done[app])
             fresh = mine & keep
             if fresh.any():
-                txns.append(Transaction(app_id=app, version=int(offsets[fresh].max())))
+                top = int(offsets[fresh].max())
+                txns.append(Transaction(app_id=app, version=top))
+                tid = (topic_ids or {}).get(topic)
+                if tid:
+                    txns.append(Transaction(app_id=partition_app(app_prefix, topic, part, tid), version=top))
         if not keep.all():
             rows = rows.filter(pa.array(keep))
         if rows.num_rows == 0:

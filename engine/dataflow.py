@@ -13,11 +13,14 @@ so any worker count or process count works with the same state layout.
 from __future__ import annotations
 
 import copy
+import logging
+import os
 import signal
 import threading
+import time
 import zlib
 from dataclasses import dataclass
-from datetime import timedelta
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -29,11 +32,18 @@ from bytewax.operators import StatefulBatchLogic
 from pydantic import BaseModel, ConfigDict, Field
 
 from connectors.delta_store import DeltaOfflineStore
+from connectors.redis_store import RedisOnlineStore
 from engine.definitions import FeatureView, duration_ms
-from engine.flow_io import DecodingKafkaSource, SourceBatch, request_stop
+from engine.errors import StoreError
+from engine.flow_io import STOP, DecodingKafkaSource, SourceBatch, request_stop
+from engine.observe import configure_logging
+from engine.redact import describe
 from engine.sinks import DeadLetterSink, OfflineSink, OnlineSink, TimedUpdate, partition_key, shard_key
 from engine.state import TileState
 from engine.tiles import TileLayout
+from engine.writer import new_run
+
+log = logging.getLogger(__name__)
 
 __all__ = [
     "RuntimeConfig",
@@ -62,6 +72,7 @@ class RuntimeConfig(BaseModel):
     offline_flush_rows: int = 500_000
     offline_flush_seconds: float = 5.0
     consumer_config: dict[str, Any] = {}
+    kafka_config: dict[str, Any] = {}  # librdkafka settings for every client (SASL/SSL...)
 
 
 @dataclass
@@ -73,6 +84,8 @@ class ShardEvents:
     ts: np.ndarray
     columns: list[np.ndarray]
     read_at: float = 0.0  # when the batch was read from Kafka (wall clock)
+    partition: int = 0
+    offsets: np.ndarray | None = None  # source offsets of the events, ascending
 
 
 def shard_of(entity: str, shards: int) -> int:
@@ -103,25 +116,87 @@ def split_shards(batch: SourceBatch, shards: int) -> list[tuple[str, ShardEvents
                     ts=batch.ts[idx],
                     columns=[c[idx] for c in batch.columns],
                     read_at=batch.read_at,
+                    partition=batch.partition,
+                    offsets=batch.offsets[idx],
                 ),
             )
         )
     return out
 
 
-class TileLogic(StatefulBatchLogic[ShardEvents, TimedUpdate, TileState]):
-    """Keeps one shard's tiles; emits the tiles each batch changed, with the batch's read time."""
+class OnlineEpochWatch:
+    """Notices when the online store lost its data (its epoch token changed), at most every
+    ``interval`` seconds, so the tile state can rewrite every entity it holds.
 
-    def __init__(self, state: TileState) -> None:
+    Uses its own client with short timeouts: it runs on the dataflow thread, which must not
+    stall while Redis is down (then it checks again after ``interval``).
+    """
+
+    def __init__(self, url: str, namespace: str, interval: float = 1.0) -> None:
+        self.store = RedisOnlineStore(url, socket_timeout=0.5, connect_timeout=0.5)
+        self.namespace = namespace
+        self.interval = interval
+        self.next_check = 0.0
+
+    def due(self) -> bool:
+        return time.monotonic() >= self.next_check
+
+    def current(self) -> str | None:
+        """The store's epoch token, or None when it cannot be asked now."""
+        self.next_check = time.monotonic() + self.interval
+        try:
+            return self.store.epoch(self.namespace)
+        except StoreError:
+            return None
+
+
+class TileLogic(StatefulBatchLogic[ShardEvents, TimedUpdate, TileState]):
+    """Keeps one shard's tiles; emits the tiles each batch changed, with the batch's read time.
+
+    When the online store lost its data, emits every entity's live tiles as a forced rewrite.
+    """
+
+    def __init__(self, state: TileState, watch: OnlineEpochWatch | None = None) -> None:
         self.state = state
+        self.watch = watch
+
+    def _resync(self) -> list[TimedUpdate]:
+        if self.watch is None or not self.watch.due():
+            return []
+        token = self.watch.current()
+        if token is None or token == self.state.online_epoch:
+            return []
+        fresh = self.state.online_epoch is None and not self.state.entities
+        self.state.online_epoch = token
+        if fresh:
+            return []
+        update = self.state.resync()
+        if update.entities:
+            log.warning(
+                "online store %s has a new epoch (it lost its data); rewriting %d entities from state",
+                self.watch.namespace,
+                len(update.entities),
+            )
+        return [TimedUpdate(update, time.time())] if update.entities else []
 
     def on_batch(self, values: list[ShardEvents]) -> tuple[list[TimedUpdate], bool]:
-        out = []
+        out = self._resync()
         for ev in values:
-            update = self.state.apply(ev.keys, ev.codes, ev.ts, ev.columns)
+            update = self.state.apply(ev.keys, ev.codes, ev.ts, ev.columns, ev.partition, ev.offsets)
             if update.entities:
                 out.append(TimedUpdate(update, ev.read_at))
         return out, StatefulBatchLogic.RETAIN
+
+    def on_notify(self) -> tuple[list[TimedUpdate], bool]:
+        return self._resync(), StatefulBatchLogic.RETAIN
+
+    def notify_at(self) -> datetime | None:
+        if self.watch is None:
+            return None
+        # At once when built (a resumed shard checks the store before any new event), then
+        # every interval.
+        wait = max(0.0, self.watch.next_check - time.monotonic())
+        return datetime.now(UTC) + timedelta(seconds=wait)
 
     def snapshot(self) -> TileState:
         return copy.deepcopy(self.state)
@@ -147,13 +222,20 @@ def build_dataflow(views: list[FeatureView], runtime: RuntimeConfig, name: str =
                 poll_timeout=runtime.poll_timeout_seconds,
                 stop_at_end=runtime.stop_at_end,
                 consumer_config=runtime.consumer_config,
+                kafka_config=runtime.kafka_config,
             ),
         )
         dead = op.flat_map(f"{v}_dead", batches, lambda b: b.dead)
         op.output(
             f"{v}_dlq",
             dead,
-            DeadLetterSink(runtime.kafka_bootstrap_servers, view.source.dlq_topic, view.name, view.version),
+            DeadLetterSink(
+                runtime.kafka_bootstrap_servers,
+                view.source.dlq_topic,
+                view.name,
+                view.version,
+                runtime.kafka_config,
+            ),
         )
         cols = view.columns
         rows = op.filter_map(
@@ -170,15 +252,22 @@ def build_dataflow(views: list[FeatureView], runtime: RuntimeConfig, name: str =
                 runtime.kafka_bootstrap_servers,
                 runtime.offline_flush_rows,
                 runtime.offline_flush_seconds,
+                runtime.kafka_config,
             ),
         )
         shards = runtime.shards
         keyed = op.flat_map(f"{v}_shard", batches, lambda b, n=shards: split_shards(b, n))
 
+        namespace = RedisOnlineStore.namespace_of(runtime.redis_prefix, view.name, view.version)
+
         def builder(
-            resume: TileState | None, layout: TileLayout = layout, retention: int = retention
+            resume: TileState | None,
+            layout: TileLayout = layout,
+            retention: int = retention,
+            namespace: str = namespace,
         ) -> TileLogic:
-            return TileLogic(resume if resume is not None else TileState(layout, retention))
+            state = resume if resume is not None else TileState(layout, retention)
+            return TileLogic(state, OnlineEpochWatch(runtime.redis_url, namespace))
 
         tiles = op.stateful_batch(f"{v}_tiles", keyed, builder)
         op.output(
@@ -190,11 +279,26 @@ def build_dataflow(views: list[FeatureView], runtime: RuntimeConfig, name: str =
 
 
 def stop_on_signals() -> None:
-    """Make SIGINT and SIGTERM end the dataflow cleanly: sources stop, sinks flush, run returns."""
+    """Make SIGINT and SIGTERM end the dataflow cleanly: sources stop, sinks flush, run returns.
+
+    A store that is down then gets a grace period (:data:`engine.writer.STOP_GRACE_SECONDS`)
+    before the worker exits without it. A second signal exits at once; either way nothing is
+    lost, since positions never advance past unwritten data.
+    """
     if threading.current_thread() is not threading.main_thread():
         return
+
+    def on_signal(signum: int, _frame: object) -> None:
+        name = signal.Signals(signum).name
+        if STOP.is_set():
+            log.error("%s again: exiting now; unwritten data will be replayed on restart", name)
+            logging.shutdown()
+            os._exit(128 + signum)
+        log.info("%s: stop requested; sources stop, buffered data is written, then the worker exits", name)
+        request_stop()
+
     for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, lambda _signum, _frame: request_stop())
+        signal.signal(sig, on_signal)
 
 
 def recovery_config(directory: str | Path, partitions: int = 1) -> Any:
@@ -214,19 +318,40 @@ def run_dataflow(
     *,
     recovery_dir: str | Path | None = None,
     snapshot_seconds: float = 10.0,
+    process_id: int | None = None,
+    addresses: list[str] | None = None,
+    handle_signals: bool = True,
 ) -> None:
     """Run in this process with ``workers`` threads; returns when every source has ended.
 
     With ``recovery_dir``, state and positions are snapshotted every ``snapshot_seconds`` and a
     restart resumes from the last snapshot (the store sinks drain before a snapshot counts).
+    With ``addresses`` (``host:port`` of every process of a cluster), this is process
+    ``process_id`` of it; every process runs the same flow and they share the recovery partitions.
+    ``handle_signals=False`` keeps the caller's SIGINT/SIGTERM handlers (they must call
+    :func:`request_stop`).
+
+    The cause of the exit is logged either way (redacted): a stop request, the sources' end, or
+    the error that ended the run (which is then re-raised).
     """
     from bytewax._bytewax import cli_main
 
-    stop_on_signals()
-    recovery = None if recovery_dir is None else recovery_config(recovery_dir)
-    cli_main(
-        flow,
-        workers_per_process=workers,
-        epoch_interval=timedelta(seconds=snapshot_seconds),
-        recovery_config=recovery,
-    )
+    configure_logging()
+    if handle_signals:
+        stop_on_signals()
+    new_run()
+    try:
+        partitions = workers * len(addresses or [""])
+        recovery = None if recovery_dir is None else recovery_config(recovery_dir, partitions)
+        cli_main(
+            flow,
+            workers_per_process=workers,
+            process_id=process_id,
+            addresses=addresses or None,
+            epoch_interval=timedelta(seconds=snapshot_seconds),
+            recovery_config=recovery,
+        )
+    except BaseException as exc:
+        log.error("worker exiting on an error: %s", describe(exc, chain=True))
+        raise
+    log.info("worker exiting: %s", "stop requested" if STOP.is_set() else "every source reached its end")

@@ -1,15 +1,22 @@
 """Decode and validate raw event bytes into columns, routing every failure to a dead letter.
 
 Each message is decoded by msgspec, typed by the source schema (in C, about half a microsecond
-an event), so a bad message is found exactly and never affects its neighbours.
+an event), so a bad message is found exactly and never affects its neighbours. Nothing a message
+holds can stop the decoder: a message that fails for any reason is a failure of its own, with the
+field to blame (found only for failures) and the fix; a batch that fails in an unforeseen way
+while building columns is decoded again one message at a time.
 """
 
 from __future__ import annotations
 
+import itertools
+import json
 import re
+import sys
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import Any
+from typing import Annotated, Any
 
 import msgspec
 import numpy as np
@@ -22,16 +29,49 @@ __all__ = ["DeadLetter", "DecodedEvents", "EventDecoder", "Reason", "entity_id"]
 _MAX_TS_MS = 4_102_444_800_000
 _PATH = re.compile(r"at `\$\.([A-Za-z0-9_]+)`")
 _MISSING = re.compile(r"missing required field `([A-Za-z0-9_]+)`")
+_BYTE = re.compile(r"\(byte (\d+)\)")
+# A \\u escape of half a surrogate pair without its other half (msgspec may report only that the
+# input ended, when it is the last string).
+_LONE_SURROGATE = re.compile(
+    rb"\\u[dD][89abAB][0-9a-fA-F]{2}(?!\\u[dD][c-fC-F])|(?<![0-9a-fA-F]{4})\\u[dD][c-fC-F][0-9a-fA-F]{2}"
+)
+_NON_FINITE = re.compile(rb"-?(?:nan|inf(?:inity)?)(?![A-Za-z0-9_])", re.IGNORECASE)
+# JSON strings and structural characters: enough to tell which top-level field a byte is in.
+_TOKEN = re.compile(rb'"[^"\\]*(?:\\.[^"\\]*)*"|[{}\[\]:,]', re.DOTALL)
+_MAX_TOKENS = 100_000
+_MESSAGE = "(message)"  # a detail's subject when no single field is to blame
+_MAX_DETAIL = 500
+# Integers are aggregated as float64 but must fit int64, the type every store and reader knows.
+_INT64 = Annotated[int, msgspec.Meta(ge=-(2**63), le=2**63 - 1)]
+_PY: dict[str, Any] = {"int": _INT64, "float": float, "str": str, "bool": bool}
+_TS_WANT = {
+    "epoch_millis": "epoch_millis: integer milliseconds since 1970-01-01T00:00:00Z",
+    "epoch_seconds": "epoch_seconds: seconds since 1970-01-01T00:00:00Z",
+    "iso8601": "iso8601: a string with a time zone, e.g. 2024-03-10T23:00:00Z",
+}
+_WANT = {"int": "an integer", "float": "a number", "str": "a string", "bool": "true or false"}
+# (byte-order mark or first bytes, codec, name): messages that are JSON, but not in UTF-8.
+_BOMS = (
+    (b"\x00\x00\xfe\xff", "utf-32-be", "UTF-32"),
+    (b"\xff\xfe\x00\x00", "utf-32-le", "UTF-32"),
+    (b"\xef\xbb\xbf", "utf-8-sig", "UTF-8 with a byte-order mark"),
+    (b"\xfe\xff", "utf-16-be", "UTF-16"),
+    (b"\xff\xfe", "utf-16-le", "UTF-16"),
+)
 
 
 class Reason:
     """Dead-letter reasons, as written to the ``fs-reason`` header."""
 
-    MALFORMED = "malformed_json"
+    MALFORMED = "malformed_json"  # not one JSON object
+    ENCODING = "invalid_encoding"  # not UTF-8: other encodings, invalid bytes, lone surrogates
+    TOO_DEEP = "too_deep"  # nested deeper than the decoder's recursion limit
     MISSING = "missing_field"
     TYPE = "invalid_type"
+    VALUE = "invalid_value"  # the right type out of range: 1e400, NaN, an int beyond int64
     TIMESTAMP = "bad_timestamp"
     LATE = "late"
+    UNDECODABLE = "undecodable"  # any other failure: the catch-all, never expected
 
 
 @dataclass(frozen=True)
@@ -59,9 +99,6 @@ class DecodedEvents:
     text: dict[str, list[str | None]] = field(default_factory=dict)
 
 
-_PY = {"int": int, "float": float, "str": str, "bool": bool}
-
-
 def entity_id(values: list[Any]) -> str:
     """One string per entity. Composite keys join their parts with ``|``, escaping ``\\`` and
     ``|`` inside parts, so distinct key tuples never collide."""
@@ -79,6 +116,7 @@ class EventDecoder:
         self.ts_format = src.timestamp_format
         self.keys = view.entity.join_keys
         self.columns = view.columns
+        self.fields = {f.name: f for f in src.fields}
         ts_type: Any = {"epoch_millis": int, "epoch_seconds": float, "iso8601": datetime}[
             src.timestamp_format
         ]
@@ -91,8 +129,18 @@ class EventDecoder:
         self.text_columns = view.text_columns
 
     def decode(self, values: list[bytes]) -> DecodedEvents:
+        """Never raises: every message is either an event or a failure."""
+        try:
+            return self._decode(values)
+        except Exception as exc:  # unforeseen: find the message to blame, spare the others
+            if len(values) != 1:
+                return self._stitch([self.decode([v]) for v in values])
+            why = f"{_MESSAGE}: could not be decoded ({_describe(exc)}); send one UTF-8 JSON object"
+            return self._stitch([], [(0, Reason.UNDECODABLE, why[:_MAX_DETAIL])])
+
+    def _decode(self, values: list[bytes]) -> DecodedEvents:
         # One decode per message (faster than joining them, and no message can bleed into
-        # another).
+        # another). Failures of any kind stay with their message.
         failures: list[tuple[int, str, str]] = []
         events, kept = [], []
         one, append = self._one.decode, events.append
@@ -100,8 +148,8 @@ class EventDecoder:
             try:
                 append(one(v))
                 kept.append(i)
-            except msgspec.DecodeError as exc:
-                failures.append((i, *self._classify(exc)))
+            except Exception as exc:  # DecodeError, RecursionError, UnicodeDecodeError, ...
+                failures.append((i, *self._explain(exc, v)))
         index = np.asarray(kept, dtype=np.int64)
         ts, bad = self._timestamps([getattr(e, self.ts_field) for e in events])
         if bad:
@@ -126,6 +174,27 @@ class EventDecoder:
         failures.sort()
         return DecodedEvents(index=index, entity=entity, ts=ts, columns=cols, failures=failures, text=text)
 
+    def _stitch(
+        self, parts: list[DecodedEvents], failures: list[tuple[int, str, str]] | None = None
+    ) -> DecodedEvents:
+        """Results of one message each (``parts[i]`` for message ``i``) as one batch's."""
+        fails = list(failures or [])
+        index: list[int] = []
+        for i, p in enumerate(parts):
+            fails.extend((i, r, m) for _, r, m in p.failures)
+            index.extend([i] * len(p.index))
+        return DecodedEvents(
+            index=np.asarray(index, dtype=np.int64),
+            entity=[e for p in parts for e in p.entity],
+            ts=np.concatenate([np.zeros(0, np.int64), *(p.ts for p in parts)]),
+            columns=[
+                np.concatenate([np.zeros(0, np.float64), *(p.columns[j] for p in parts)])
+                for j in range(len(self.columns))
+            ],
+            failures=sorted(fails),
+            text={c: [v for p in parts for v in p.text.get(c, [])] for c in self.text_columns},
+        )
+
     def _timestamps(self, raw: list[Any]) -> tuple[np.ndarray, dict[int, str]]:
         """Event times in ms, and why each unusable one is unusable (by position)."""
         bad: dict[int, str] = {}
@@ -137,7 +206,8 @@ class EventDecoder:
                 ts = np.array([0 if j in big else v for j, v in enumerate(raw)], dtype=np.int64)
                 bad.update({j: self._out_of_range(raw[j]) for j in big})
         elif self.ts_format == "epoch_seconds":
-            ms = np.array(raw, dtype=np.float64) * 1000
+            with np.errstate(over="ignore", invalid="ignore"):
+                ms = np.array(raw, dtype=np.float64) * 1000
             ok = np.isfinite(ms) & (ms >= 0) & (ms < _MAX_TS_MS)
             ts = np.round(np.where(ok, ms, 0.0)).astype(np.int64)
             bad.update({j: self._out_of_range(raw[j]) for j in np.flatnonzero(~ok).tolist()})
@@ -147,8 +217,12 @@ class EventDecoder:
                 if d.tzinfo is None:
                     bad[j] = f"{self.ts_field}: timestamp {d.isoformat()} has no time zone; add one, e.g. 'Z'"
                     out.append(0)
-                else:
+                    continue
+                try:
                     out.append(round(d.timestamp() * 1000))
+                except (OverflowError, ValueError):
+                    bad[j] = self._out_of_range(d)
+                    out.append(0)
             ts = np.array(out, dtype=np.int64)
         for j in np.flatnonzero((ts < 0) | (ts >= _MAX_TS_MS)).tolist():
             bad.setdefault(j, self._out_of_range(raw[j]))
@@ -156,22 +230,214 @@ class EventDecoder:
 
     def _out_of_range(self, value: Any) -> str:
         return (
-            f"{self.ts_field}: {value!r} is outside 1970..2100 as {self.ts_format}; "
-            f"send {self.ts_format} event times"
+            f"{self.ts_field}: {_show(value)} is outside 1970..2100 as {self.ts_format}; "
+            f"send {_TS_WANT[self.ts_format]}"
         )
 
-    def _classify(self, exc: msgspec.DecodeError) -> tuple[str, str]:
-        msg = str(exc)
-        if not isinstance(exc, msgspec.ValidationError):
-            return Reason.MALFORMED, msg
+    # -- why a message failed (only failures pay for this) -----------------------------------
+
+    def _explain(self, exc: Exception, raw: Any) -> tuple[str, str]:
+        """The reason and detail of one failed message; never raises."""
+        try:
+            if isinstance(exc, msgspec.ValidationError):
+                reason, detail = self._invalid(str(exc))
+            elif isinstance(exc, msgspec.DecodeError):
+                reason, detail = self._malformed(str(exc), raw)
+            elif isinstance(exc, RecursionError):
+                name = _deepest_field(raw, sys.getrecursionlimit())
+                reason, detail = (
+                    Reason.TOO_DEEP,
+                    (
+                        f"{_subject(name)}: nested deeper than the decoder allows (about "
+                        f"{sys.getrecursionlimit()} levels); flatten the value or leave the field out"
+                    ),
+                )
+            elif isinstance(exc, UnicodeDecodeError):
+                name = _invalid_utf8_field(raw, self.fields)
+                reason, detail = (
+                    Reason.ENCODING,
+                    (f"{_subject(name)}: not valid UTF-8 ({exc.reason}); send text as UTF-8"),
+                )
+            else:
+                reason, detail = (
+                    Reason.UNDECODABLE,
+                    (f"{_MESSAGE}: could not be decoded ({_describe(exc)}); send one UTF-8 JSON object"),
+                )
+        except Exception as inner:  # explaining must not fail either
+            reason, detail = Reason.UNDECODABLE, f"{_MESSAGE}: could not be decoded ({_describe(inner)})"
+        return reason, detail[:_MAX_DETAIL]
+
+    def _invalid(self, msg: str) -> tuple[str, str]:
+        """A ValidationError: valid JSON, not a valid event."""
         missing = _MISSING.search(msg)
         if missing:
             name = missing.group(1)
             return Reason.MISSING, f"{name}: required field is missing; include it in every event"
         path = _PATH.search(msg)
         if path is None:
-            return Reason.MALFORMED, f"{msg}; each event must be one JSON object"
-        name = path.group(1)
+            return Reason.MALFORMED, f"{_MESSAGE}: {msg}; each event must be one JSON object"
+        name, what = path.group(1), msg.split(" - at")[0]
         if name == self.ts_field:
-            return Reason.TIMESTAMP, f"{name}: {msg.split(' - at')[0]} (expected {self.ts_format})"
-        return Reason.TYPE, f"{name}: {msg.split(' - at')[0]}"
+            return Reason.TIMESTAMP, f"{name}: {what}; send {_TS_WANT[self.ts_format]}"
+        f = self.fields[name]
+        null = " or null" if f.nullable else ""
+        if "out of range" in what or what.startswith(("Expected `int` >=", "Expected `int` <=")):
+            want = "a finite number within ±1.7e308" if f.dtype == "float" else "an integer within ±2^63"
+            return Reason.VALUE, f"{name}: {what}; send {want}{null}"
+        return Reason.TYPE, f"{name}: {what}; send {_WANT[f.dtype]}{null}"
+
+    def _malformed(self, msg: str, raw: Any) -> tuple[str, str]:
+        """A DecodeError: not JSON (in UTF-8) at all, or not at one place."""
+        other = _other_encoding(raw)
+        if other is not None:
+            return Reason.ENCODING, f"{_MESSAGE}: the message is {other}; send UTF-8 JSON"
+        if not bytes(raw).strip():
+            return Reason.MALFORMED, f"{_MESSAGE}: the message is empty; send one JSON object per message"
+        at = _BYTE.search(msg)
+        pos = int(at.group(1)) if at else None
+        # msgspec may only say that the input ended when the last string holds a lone surrogate.
+        lone = _LONE_SURROGATE.search(raw) if pos is None or "surrogate" in msg else None
+        if lone is not None and pos is None:
+            pos = lone.start()
+        name = None if pos is None else _field_at(raw, pos)
+        if lone is not None or "surrogate" in msg:
+            escape = "" if lone is None else f" {lone.group().decode()}"
+            return Reason.ENCODING, (
+                f"{_subject(name)}: lone UTF-16 surrogate escape{escape}; escape characters beyond "
+                f"U+FFFF as a surrogate pair (\\ud83d\\ude00) or send them as UTF-8"
+            )
+        token = None if pos is None else _non_finite_at(raw, pos)
+        if token is not None and pos:  # inside an object (a non-object fails validation first)
+            if name == self.ts_field:
+                return (
+                    Reason.TIMESTAMP,
+                    f"{name}: {token} is not a JSON number; send {_TS_WANT[self.ts_format]}",
+                )
+            return Reason.VALUE, (
+                f"{_subject(name)}: {token} is not a JSON number and non-finite values are not "
+                f"accepted; send a finite number (or null where the field is nullable)"
+            )
+        return Reason.MALFORMED, f"{_subject(name)}: {msg}; send one UTF-8 JSON object per message"
+
+
+# ---------------------------------------------------------------------------------------------
+# Locating the problem in a failed message (best effort, bounded, never raises past _explain).
+# ---------------------------------------------------------------------------------------------
+
+
+def _walk(raw: bytes) -> Iterator[tuple[int, int, bytes | None, bytes]]:
+    """(start, depth, top-level field, token) for each JSON string and structural character; the
+    field is the one whose value the token is in (None outside of any). Stops after
+    :data:`_MAX_TOKENS`, so that explaining a crafted message stays cheap."""
+    depth, last = 0, b""
+    key: bytes | None = None
+    for m in itertools.islice(_TOKEN.finditer(raw), _MAX_TOKENS):
+        tok = m.group()
+        c = tok[:1]
+        if c == b'"':
+            last = tok
+        elif c in b"{[":
+            depth += 1
+            if depth == 1:
+                key = None
+        elif c in b"}]":
+            depth -= 1
+            if depth <= 0:
+                key = None
+        elif depth == 1:
+            key = last if c == b":" else None
+        yield m.start(), depth, key, tok
+
+
+def _name(token: bytes | None) -> str | None:
+    if not token:
+        return None
+    try:
+        return str(json.loads(token))
+    except ValueError:
+        return token[1:-1].decode("utf-8", "replace")
+
+
+def _field_at(raw: bytes, pos: int) -> str | None:
+    """The top-level field whose value holds byte ``pos``."""
+    key, walked = None, 0
+    for start, _, k, _ in _walk(raw):
+        if start > pos:
+            return _name(key)
+        key, walked = k, walked + 1
+    return None if walked >= _MAX_TOKENS else _name(key)  # pos may lie beyond the tokens walked
+
+
+def _deepest_field(raw: bytes, limit: int) -> str | None:
+    """The first top-level field nested deeper than ``limit``, else the most nested one."""
+    best, key, walked = 0, None, 0
+    for _, depth, k, _ in _walk(raw):
+        walked += 1
+        if depth > best:
+            best, key = depth, k
+            if depth > limit:
+                return _name(key)
+    return None if walked >= _MAX_TOKENS else _name(key)  # a deeper one may lie beyond
+
+
+def _invalid_utf8_field(raw: bytes, fields: dict[str, Any]) -> str | None:
+    """The first schema field whose string value is not UTF-8 (unknown fields are skipped
+    undecoded, so they never fail)."""
+    for _, depth, key, tok in _walk(raw):
+        if depth == 1 and key is not None and tok[:1] == b'"':
+            name = _name(key)
+            if name in fields:
+                try:
+                    tok.decode("utf-8")
+                except UnicodeDecodeError:
+                    return name
+    return None
+
+
+def _non_finite_at(raw: bytes, pos: int) -> str | None:
+    """``NaN``, ``Infinity`` and the like where JSON parsing stopped (at ``pos`` or just after a
+    minus sign)."""
+    for at in (pos - 1, pos):
+        m = _NON_FINITE.match(raw, max(at, 0))
+        if m:
+            return m.group().decode()
+    return None
+
+
+def _other_encoding(raw: bytes) -> str | None:
+    """The encoding of a message that is JSON in UTF-16/32 or UTF-8 with a byte-order mark."""
+    head = bytes(raw[:64])
+    found = next(((codec, name) for bom, codec, name in _BOMS if head.startswith(bom)), None)
+    if found is None and len(head) >= 4:
+        nul = tuple(b == 0 for b in head[:4])
+        found = {
+            (True, True, True, False): ("utf-32-be", "UTF-32"),
+            (False, True, True, True): ("utf-32-le", "UTF-32"),
+            (True, False, True, False): ("utf-16-be", "UTF-16"),
+            (False, True, False, True): ("utf-16-le", "UTF-16"),
+        }.get(nul)
+    if found is None:
+        return None
+    codec, name = found
+    unit = 4 if "32" in codec else 2
+    text = head[: len(head) - len(head) % unit].decode(codec, "ignore").lstrip("\ufeff \t\r\n")
+    return name if text[:1] in ("{", "[") else None
+
+
+def _subject(name: str | None) -> str:
+    if name is None:
+        return _MESSAGE
+    return name[:64] if name.isprintable() else repr(name[:64])
+
+
+def _show(value: Any) -> str:
+    """A value for a detail: short, whatever its size."""
+    if isinstance(value, datetime):
+        return value.isoformat()
+    if isinstance(value, int) and not -(10**30) < value < 10**30:
+        return f"an integer of {len(str(abs(value)))} digits"
+    return repr(value)[:80]
+
+
+def _describe(exc: BaseException) -> str:
+    return f"{type(exc).__name__}: {str(exc)[:200]}"

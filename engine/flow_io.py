@@ -1,15 +1,17 @@
 """Bytewax input: the decoding Kafka source (the sinks are in :mod:`engine.sinks`).
 
 Each source partition is one Kafka partition. It emits one item per micro-batch (columns, not
-events), so Bytewax's per-item cost is paid per batch. Its snapshot is the next offset and the
-partition's newest event time, so after recovery it resumes at the same position with the same
-watermark.
+events), so Bytewax's per-item cost is paid per batch. Its snapshot is the next offset, the
+partition's newest event time and the topic's id, so after recovery it resumes at the same
+position with the same watermark, and a recreated topic (new id, or an end below the position)
+stops the worker instead of being read from a position that means nothing there.
 """
 
 from __future__ import annotations
 
 import threading
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
@@ -19,7 +21,7 @@ import pyarrow as pa
 from bytewax.inputs import FixedPartitionedSource, StatefulSourcePartition
 
 from connectors.delta_store import event_schema
-from connectors.kafka import PartitionReader, partition_count
+from connectors.kafka import PartitionReader, partition_count, topic_id, topic_reset_error
 from engine.decode import DeadLetter, EventDecoder, Reason
 from engine.definitions import FeatureView, duration_ms, format_duration
 from engine.metrics import (
@@ -89,9 +91,11 @@ class _DecodingPartition(StatefulSourcePartition[SourceBatch, dict]):
         max_ts: float,
         batch_size: int,
         poll_timeout: float,
+        topic_id: str | None = None,
     ) -> None:
         self.view = view
         self.reader = reader
+        self.topic_id = topic_id
         self.decoder = EventDecoder(view)
         self.lateness = float(duration_ms(view.allowed_lateness))
         self.max_ts = max_ts
@@ -177,7 +181,7 @@ class _DecodingPartition(StatefulSourcePartition[SourceBatch, dict]):
         ]
 
     def snapshot(self) -> dict:
-        return {"offset": self.reader.position, "max_ts": self.max_ts}
+        return {"offset": self.reader.position, "max_ts": self.max_ts, "topic_id": self.topic_id}
 
     def close(self) -> None:
         HEALTH.source_closed(*self._key)
@@ -188,7 +192,10 @@ class DecodingKafkaSource(FixedPartitionedSource[SourceBatch, dict]):
     """Reads a view's source topic, every partition, as decoded micro-batches.
 
     Delivery: each message exactly once into the dataflow's state when recovery is enabled
-    (positions live in snapshots); from the topic's start on a fresh run.
+    (positions live in snapshots, with the topic's id); from the topic's start on a fresh run.
+    Resuming on a topic with another id, or whose end lies below the position, raises
+    :class:`~connectors.kafka.TopicChangedError` naming the fix, rather than skip events.
+    ``kafka_config`` goes to every client; ``consumer_config`` to the readers only, over it.
     """
 
     def __init__(
@@ -199,28 +206,54 @@ class DecodingKafkaSource(FixedPartitionedSource[SourceBatch, dict]):
         batch_size: int,
         poll_timeout: float,
         stop_at_end: bool,
-        consumer_config: dict[str, Any],
+        consumer_config: Mapping[str, Any],
+        kafka_config: Mapping[str, Any] | None = None,
     ) -> None:
         self.view = view
         self.bootstrap = bootstrap
         self.batch_size = batch_size
         self.poll_timeout = poll_timeout
         self.stop_at_end = stop_at_end
-        self.consumer_config = consumer_config
+        self.kafka_config = dict(kafka_config or {})
+        self.consumer_config = {**self.kafka_config, **consumer_config}
+        self._topic_id: tuple[str | None] | None = None
 
     def list_parts(self) -> list[str]:
-        return [str(p) for p in range(partition_count(self.bootstrap, self.view.source.topic))]
+        topic = self.view.source.topic
+        return [str(p) for p in range(partition_count(self.bootstrap, topic, config=self.kafka_config))]
+
+    def current_topic_id(self) -> str | None:
+        """The source topic's id as of this run (asked once per worker)."""
+        if self._topic_id is None:
+            self._topic_id = (topic_id(self.bootstrap, self.view.source.topic, self.kafka_config),)
+        return self._topic_id[0]
 
     def build_part(self, step_id: str, for_part: str, resume_state: dict | None) -> _DecodingPartition:
         state = resume_state or {}
+        topic, partition = self.view.source.topic, int(for_part)
+        current = self.current_topic_id()
+        stored = state.get("topic_id")
+        if stored and current and stored != current:
+            raise topic_reset_error(
+                topic,
+                partition,
+                f"the recovery snapshot of view {self.view.name} ({self.view.version}) holds read "
+                f"position {state.get('offset')} of the topic with id {stored}",
+                f"a topic with id {current}",
+            )
         reader = PartitionReader(
             self.bootstrap,
-            self.view.source.topic,
-            int(for_part),
+            topic,
+            partition,
             state.get("offset"),
             stop_at_end=self.stop_at_end,
             config=self.consumer_config,
         )
         return _DecodingPartition(
-            self.view, reader, state.get("max_ts", _NO_TS), self.batch_size, self.poll_timeout
+            self.view,
+            reader,
+            state.get("max_ts", _NO_TS),
+            self.batch_size,
+            self.poll_timeout,
+            topic_id=current,
         )

@@ -2,12 +2,18 @@
 
 Source partitions and sinks report into one process-wide :data:`HEALTH` registry; ``/healthz``
 answers 200 while every source partition polled Kafka within :data:`STALE_SOURCE_SECONDS` and no
-store writer failed, else 503.
+store is failing, else 503. A store that fails and comes back (writes are retried) turns it 503
+and then 200 again. Error texts are redacted (:mod:`engine.redact`): no password in an answer.
+
+The endpoint listens on 127.0.0.1 unless told otherwise (``FEATURESTREAM_METRICS_HOST``), so a
+worker does not expose its internals to the network by default.
 """
 
 from __future__ import annotations
 
 import json
+import logging
+import socket
 import socketserver
 import threading
 import time
@@ -18,10 +24,21 @@ from typing import Any
 from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, generate_latest
 
 from engine.errors import ServiceUnavailable
+from engine.redact import describe, redact
 
-__all__ = ["HEALTH", "STALE_SOURCE_SECONDS", "Health", "MetricsPortError", "serve", "stop"]
+__all__ = [
+    "DEFAULT_HOST",
+    "HEALTH",
+    "STALE_SOURCE_SECONDS",
+    "Health",
+    "MetricsPortError",
+    "configure_logging",
+    "serve",
+    "stop",
+]
 
 STALE_SOURCE_SECONDS = 60.0
+DEFAULT_HOST = "127.0.0.1"
 
 
 class MetricsPortError(ServiceUnavailable):
@@ -48,9 +65,15 @@ class Health:
             self._polled.pop((view, topic, partition), None)
 
     def writer_failed(self, sink: str, exc: BaseException) -> None:
-        """A store writer failed; it stays failed (the dataflow stops on its next submission)."""
+        """A write to ``sink`` (``store:view:version``) failed; failing until :meth:`writer_ok`."""
         with self._lock:
-            self._errors[sink] = f"{type(exc).__name__}: {exc}"[:500]
+            self._errors[sink] = describe(exc)[:500]
+
+    def writer_ok(self, sink: str) -> None:
+        """A write to ``sink`` succeeded (the store is back, if it was failing)."""
+        if sink in self._errors:
+            with self._lock:
+                self._errors.pop(sink, None)
 
     def report(self) -> dict[str, Any]:
         now = time.monotonic()
@@ -72,6 +95,18 @@ class Health:
 
 HEALTH = Health()
 
+_OUR_LOGGERS = ("engine", "connectors", "featurestream", "registry")
+
+
+def configure_logging() -> None:
+    """Worker log lines (store outages and recoveries, why the worker exits) to stderr, with time
+    and level, unless the application configured logging itself."""
+    if logging.getLogger().handlers:
+        return
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    for name in _OUR_LOGGERS:
+        logging.getLogger(name).setLevel(logging.INFO)
+
 
 class _Handler(BaseHTTPRequestHandler):
     server: _Server
@@ -85,8 +120,8 @@ class _Handler(BaseHTTPRequestHandler):
                 report = self.server.health()
                 code = 200 if report.get("status") == "ok" else 503
             except Exception as exc:  # a broken health check is itself a failure
-                report, code = {"status": "failing", "error": f"{type(exc).__name__}: {exc}"}, 503
-            self._send(code, "application/json", json.dumps(report).encode())
+                report, code = {"status": "failing", "error": describe(exc)}, 503
+            self._send(code, "application/json", json.dumps(redact(report)).encode())
         else:
             self._send(404, "text/plain; charset=utf-8", b"not found; try /metrics or /healthz\n")
 
@@ -104,36 +139,43 @@ class _Handler(BaseHTTPRequestHandler):
 class _Server(ThreadingHTTPServer):
     daemon_threads = True
 
-    def __init__(self, port: int, health: Callable[[], dict]) -> None:
+    def __init__(self, host: str, port: int, health: Callable[[], dict]) -> None:
         self.health = health
-        super().__init__(("0.0.0.0", port), _Handler)
+        if ":" in host:  # an IPv6 address
+            self.address_family = socket.AF_INET6
+        super().__init__((host, port), _Handler)
 
     def server_bind(self) -> None:
         # HTTPServer.server_bind resolves the host's FQDN, which can stall without DNS.
         socketserver.TCPServer.server_bind(self)
-        self.server_name, self.server_port = "0.0.0.0", self.server_address[1]
+        self.server_name, self.server_port = str(self.server_address[0]), self.server_address[1]
 
 
 _servers: dict[int, _Server] = {}
 _lock = threading.Lock()
 
 
-def serve(port: int, health: Callable[[], dict] | None = None) -> ThreadingHTTPServer:
-    """Serve ``/metrics`` and ``/healthz`` on ``0.0.0.0:port`` from a daemon thread.
+def serve(
+    port: int, health: Callable[[], dict] | None = None, host: str = DEFAULT_HOST
+) -> ThreadingHTTPServer:
+    """Serve ``/metrics`` and ``/healthz`` on ``host:port`` from a daemon thread.
 
-    Serving the same port again in this process returns the running server. Port 0 picks a free
-    port (``server.server_address[1]``).
+    ``host`` defaults to the loopback address; ``0.0.0.0`` listens on every interface (e.g. in a
+    container, for a Prometheus in another one). Serving the same port again in this process
+    returns the running server. Port 0 picks a free port (``server.server_address[1]``).
     """
     with _lock:
         if port and port in _servers:
             return _servers[port]
         try:
-            server = _Server(port, health or HEALTH.report)
+            server = _Server(host, port, health or HEALTH.report)
         except OSError as exc:
             raise MetricsPortError(
-                f"cannot serve metrics on port {port}: {exc.strerror or exc}. Another process (another "
-                f"worker?) may hold it; set FEATURESTREAM_METRICS_PORT to a free port (worker processes "
-                f"add their process id to it), or to 0 to disable the metrics endpoint"
+                f"cannot serve metrics on {host}:{port}: {exc.strerror or exc}. Another process "
+                f"(another worker?) may hold the port; set FEATURESTREAM_METRICS_PORT to a free port "
+                f"(worker processes add their process id to it), or to 0 to disable the metrics "
+                f"endpoint. FEATURESTREAM_METRICS_HOST must be an address of this machine "
+                f"(default {DEFAULT_HOST}; 0.0.0.0 for every interface)"
             ) from None
         bound = server.server_address[1]
         threading.Thread(target=server.serve_forever, name=f"metrics-{bound}", daemon=True).start()

@@ -5,7 +5,7 @@ store is busy. The store sinks are fixed-partitioned (online by shard, offline b
 partition) so that Bytewax calls their ``snapshot`` at the end of every epoch: a snapshot drains
 the writer (and flushes buffered rows first), so with recovery enabled an epoch's snapshot is
 committed only once everything it produced is stored. Replays after a restart are harmless
-either way: Redis writes are compare-and-set on each entity's event count and Delta commits skip
+either way: Redis writes are guarded by each entity's per-partition positions and Delta commits skip
 offsets they already hold.
 """
 
@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -26,15 +26,16 @@ from bytewax.outputs import (
 )
 
 from connectors.delta_store import DeltaOfflineStore
-from connectors.kafka import DeadLetterProducer, partition_count
+from connectors.kafka import DeadLetterProducer, partition_count, partition_end, topic_id, topic_reset_error
 from connectors.redis_store import RedisOnlineStore
 from engine.decode import DeadLetter
 from engine.definitions import FeatureView, duration_ms
+from engine.flow_io import STOP
 from engine.metrics import BATCH_LATENCY, FRESHNESS, STORE_WRITE_ERRORS, STORE_WRITE_SECONDS
 from engine.observe import HEALTH
 from engine.state import TileUpdate
 from engine.tiles import TileLayout
-from engine.writer import BackgroundWriter
+from engine.writer import STOP_GRACE_SECONDS, BackgroundWriter
 
 __all__ = ["DeadLetterSink", "OfflineSink", "OnlineSink", "TimedUpdate", "partition_key", "shard_key"]
 
@@ -53,10 +54,15 @@ def _index(item_key: str) -> int:
     return int(item_key[1:])
 
 
-def _instrument(store: str, view: str, write: Callable[[list[Any]], object]) -> Callable[[list[Any]], None]:
-    """``write``, timed; a failure is counted and reported to the health registry, then re-raised."""
-    seconds = STORE_WRITE_SECONDS.labels(store=store, view=view)
-    errors = STORE_WRITE_ERRORS.labels(store=store, view=view)
+def _instrument(
+    store: str, view: FeatureView, write: Callable[[list[Any]], object]
+) -> Callable[[list[Any]], None]:
+    """``write``, timed. Each failure is counted and makes ``/healthz`` name the store
+    (``store:view:version``) until a write succeeds again; then it is re-raised (the writer
+    retries it or stops, see :mod:`engine.writer`)."""
+    seconds = STORE_WRITE_SECONDS.labels(store=store, view=view.name)
+    errors = STORE_WRITE_ERRORS.labels(store=store, view=view.name)
+    sink = f"{store}:{view.name}:{view.version}"
 
     def timed(items: list[Any]) -> None:
         start = time.perf_counter()
@@ -64,11 +70,21 @@ def _instrument(store: str, view: str, write: Callable[[list[Any]], object]) -> 
             write(items)
         except Exception as exc:
             errors.inc()
-            HEALTH.writer_failed(f"{store}:{view}", exc)
+            HEALTH.writer_failed(sink, exc)
             raise
         seconds.observe(time.perf_counter() - start)
+        HEALTH.writer_ok(sink)
 
     return timed
+
+
+def _store_writer(
+    store: str, view: FeatureView, write: Callable[[list[Any]], None], depth: int
+) -> BackgroundWriter[Any]:
+    """The background writer of one store and view version: retries while the store is down
+    (the dataflow waits), gives up only a grace period after a stop request (``STOP``)."""
+    name = f"{store} store of view {view.name} (version {view.version})"
+    return BackgroundWriter(write, depth=depth, name=name, stop=STOP)
 
 
 class _SharedWriters:
@@ -100,26 +116,62 @@ class _SharedWriters:
 
 
 class _DeadLetterPartition(StatelessSinkPartition[DeadLetter]):
-    def __init__(self, bootstrap: str, topic: str, view: str, version: str) -> None:
-        self.producer = DeadLetterProducer(bootstrap)
+    def __init__(
+        self,
+        bootstrap: str,
+        topic: str,
+        view: str,
+        version: str,
+        config: Mapping[str, Any] | None = None,
+        limits: tuple[int | None, int | None] = (None, None),
+    ) -> None:
+        self.producer = DeadLetterProducer(
+            bootstrap,
+            dict(config or {}),
+            max_value_bytes=limits[0],
+            max_key_bytes=limits[1],
+            stop=STOP,
+            grace=STOP_GRACE_SECONDS,
+        )
         self.topic = topic
         self.view = view
         self.version = version
+        self.failed = False
 
     def write_batch(self, items: list[DeadLetter]) -> None:
         for letter in items:
             self.producer.send(self.topic, letter, self.view, self.version)
-        self.producer.flush()
+        try:
+            self.producer.flush()
+        except Exception:
+            self.failed = True
+            raise
 
     def close(self) -> None:
-        self.producer.flush()
+        if not self.failed:  # a second error while the dataflow unwinds would hide the first
+            self.producer.flush()
 
 
 class DeadLetterSink(DynamicSink[DeadLetter]):
-    """Dead letters to ``<topic>.dlq``. Delivery: at least once (flushed per batch)."""
+    """Dead letters to ``<topic>.dlq``. Delivery: at least once (flushed per batch).
 
-    def __init__(self, bootstrap: str, topic: str, view: str, version: str = "") -> None:
-        self.args = (bootstrap, topic, view, version)
+    Payloads over ``max_value_bytes``/``max_key_bytes`` are truncated, broker outages retried,
+    letters the broker refuses sent as headers only: see
+    :class:`~connectors.kafka.DeadLetterProducer`. A bad message never stops the flow.
+    """
+
+    def __init__(
+        self,
+        bootstrap: str,
+        topic: str,
+        view: str,
+        version: str = "",
+        config: Mapping[str, Any] | None = None,
+        *,
+        max_value_bytes: int | None = None,
+        max_key_bytes: int | None = None,
+    ) -> None:
+        self.args = (bootstrap, topic, view, version, config, (max_value_bytes, max_key_bytes))
 
     def build(self, step_id: str, worker_index: int, worker_count: int) -> _DeadLetterPartition:
         return _DeadLetterPartition(*self.args)
@@ -172,44 +224,80 @@ class _OfflinePartition(StatefulSinkPartition[pa.Table, None]):
 
     def close(self) -> None:
         self.closed.set()
+        self.writer.closing()  # a failing store now gets the stop grace, so the timer's flush ends
         self.timer.join()
-        self.flush()
-        self.writer.drain()
+        with self.lock:
+            tables, self.buffer, self.buffered = self.buffer, [], 0
+        self.writer.finish([pa.concat_tables(tables)] if tables else None)
         self.release()
 
 
 class OfflineSink(FixedPartitionedSink[pa.Table, None]):
     """Accepted events to Delta, keyed by source partition, micro-batched by rows or seconds.
 
-    Delivery: effectively-once (commits carry per-partition offsets; replays are filtered).
+    Delivery: effectively-once (commits carry per-partition offsets and the topic's id; replays
+    are filtered). A partition whose stored offsets belong to another topic id, or reach past
+    the partition's end, raises :class:`~connectors.kafka.TopicChangedError` when the sink
+    starts: the topic was recreated, and its events must not be dropped as replays.
     """
 
     def __init__(
-        self, store: DeltaOfflineStore, view: FeatureView, bootstrap: str, rows: int, seconds: float
+        self,
+        store: DeltaOfflineStore,
+        view: FeatureView,
+        bootstrap: str,
+        rows: int,
+        seconds: float,
+        kafka_config: Mapping[str, Any] | None = None,
     ) -> None:
         self.store = store
         self.view = view
         self.bootstrap = bootstrap
         self.rows = rows
         self.seconds = seconds
+        self.kafka_config = dict(kafka_config or {})
+        self._topic_id: tuple[str | None] | None = None
 
     def list_parts(self) -> list[str]:
-        return [partition_key(p) for p in range(partition_count(self.bootstrap, self.view.source.topic))]
+        topic = self.view.source.topic
+        return [
+            partition_key(p) for p in range(partition_count(self.bootstrap, topic, config=self.kafka_config))
+        ]
 
     def part_fn(self, item_key: str) -> int:
         return _index(item_key)
+
+    def _check(self, uri: str, app: str, partition: int, tid: str | None) -> None:
+        """Refuse a table whose offsets of ``partition`` are not of the topic as it is now."""
+        topic = self.view.source.topic
+        stored = self.store.stored_position(uri, app, topic, partition, tid)
+        if stored.offset is None:
+            return
+        holds = f"Delta table {uri} holds its events up to offset {stored.offset}"
+        if stored.same_topic is False:
+            raise topic_reset_error(
+                topic, partition, f"{holds}, recorded for another topic id", f"a topic with id {tid}"
+            )
+        low, end = partition_end(self.bootstrap, topic, partition, stored.offset + 1, self.kafka_config)
+        if stored.offset >= end:
+            raise topic_reset_error(topic, partition, holds, f"offsets {low} to {end} (its end is below)")
 
     def build_part(self, step_id: str, for_part: str, resume_state: None) -> _OfflinePartition:
         view, store = self.view, self.store
         uri = store.table_uri(view.name, view.version)
         app = f"{view.name}:{view.version}"
+        if self._topic_id is None:
+            self._topic_id = (topic_id(self.bootstrap, view.source.topic, self.kafka_config),)
+        tid = self._topic_id[0]
+        self._check(uri, app, _index(for_part), tid)
+        ids = {view.source.topic: tid}
         key = ("delta", uri)
 
         def make() -> BackgroundWriter[pa.Table]:
             write = _instrument(
-                "delta", view.name, lambda tables: store.append(uri, pa.concat_tables(tables), app)
+                "delta", view, lambda tables: store.append(uri, pa.concat_tables(tables), app, ids)
             )
-            return BackgroundWriter(write, depth=2, name="offline-writer")
+            return _store_writer("delta", view, write, depth=2)
 
         writer = _SharedWriters.acquire(key, make)
         return _OfflinePartition(writer, lambda: _SharedWriters.release(key), self.rows, self.seconds)
@@ -232,7 +320,7 @@ class _OnlineWrite:
         ttl_ms = duration_ms(view.effective_ttl)
         row_bytes = TileLayout.of(view).row_bytes
         self._write = _instrument(
-            "redis", view.name, lambda updates: self.store.write(namespace, updates, ttl_ms, row_bytes)
+            "redis", view, lambda updates: self.store.write(namespace, updates, ttl_ms, row_bytes)
         )
         self._latency = BATCH_LATENCY.labels(view=view.name)
         self._freshness = FRESHNESS.labels(view=view.name)
@@ -263,14 +351,16 @@ class _OnlinePartition(StatefulSinkPartition[TimedUpdate | TileUpdate, None]):
         self.writer.drain()
 
     def close(self) -> None:
-        self.writer.drain()
+        self.writer.finish()
         self.release()
 
 
 class OnlineSink(FixedPartitionedSink[TimedUpdate | TileUpdate, None]):
     """Changed tiles to Redis, keyed by entity shard, written in order per shard.
 
-    Delivery: effectively-once per entity (compare-and-set on the entity's event count).
+    Delivery: effectively-once per entity, whatever the entity's events' partitions: a write is
+    skipped only when every per-partition position in it is at or below the stored guard's, and a
+    store that lost its data is rewritten from state (see :mod:`connectors.redis_store`).
     """
 
     def __init__(self, url: str, prefix: str, view: FeatureView, shards: int) -> None:
@@ -290,7 +380,7 @@ class OnlineSink(FixedPartitionedSink[TimedUpdate | TileUpdate, None]):
 
         def make() -> BackgroundWriter[Any]:
             write = _OnlineWrite(self.url, self.prefix, self.view)
-            return BackgroundWriter(write, depth=4, name="online-writer")
+            return _store_writer("redis", self.view, write, depth=4)
 
         writer = _SharedWriters.acquire(key, make)
         return _OnlinePartition(writer, lambda: _SharedWriters.release(key))

@@ -7,11 +7,16 @@ The online store keeps, per entity, an append-only log of tile rows (the newest 
 tile wins). The state knows how long each entity's log is, and asks for a full rewrite (only the
 live tiles) once the log outgrows twice the live tiles, which bounds the log and drops evicted
 tiles without ever deleting them one by one.
+
+Each entity also carries its *position*: per source partition, the highest offset of its events
+applied. Positions order writes of one entity even when its events come from several partitions
+and a restart replays them in another interleaving: a store skips a write only when every
+position in it is at or below what it holds (a replay of data it already has).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 
@@ -27,9 +32,11 @@ class TileUpdate:
     """Tile rows one batch produced for the online store, grouped by entity.
 
     ``rows[starts[i]:starts[i+1]]`` are the rows of ``entities[i]``: appended to its log, or,
-    where ``rewrite[i]``, replacing it (then they are all its live tiles). ``ops[i]`` counts every
-    event ever applied to the entity, so a store can refuse a write older than what it holds
-    (replays after a restart never move a value back).
+    where ``rewrite[i]``, replacing it (then they are all its live tiles). ``positions[i]`` is the
+    entity's position vector (highest applied offset per source partition, -1 for none), so a
+    store can refuse a replay of what it already holds, whatever the partitioning. ``ops[i]``
+    counts the events applied to the entity. ``force`` marks a resync of every entity (the store
+    lost its data): applied whatever the store's positions.
     """
 
     entities: list[str]
@@ -38,6 +45,8 @@ class TileUpdate:
     starts: np.ndarray
     rewrite: np.ndarray
     max_ts: float
+    positions: np.ndarray
+    force: bool = False
 
     def __len__(self) -> int:
         return len(self.entities)
@@ -57,6 +66,8 @@ class TileState:
         self.entities: list[str] = []
         self.entity_index: dict[str, int] = {}
         self.ops = np.zeros(64, dtype=np.int64)
+        self.pos = np.full((64, 1), -1, dtype=np.int64)
+        self.online_epoch: str | None = None
         self.live = np.zeros(64, dtype=np.int64)
         self.logged = np.zeros(64, dtype=np.int64)
         self.rows_of: list[list[int]] = []
@@ -68,15 +79,33 @@ class TileState:
         self.min_tile = np.inf
 
     def apply(
-        self, keys: list[str], codes: np.ndarray, ts: np.ndarray, columns: list[np.ndarray]
+        self,
+        keys: list[str],
+        codes: np.ndarray,
+        ts: np.ndarray,
+        columns: list[np.ndarray],
+        partition: int = 0,
+        offsets: np.ndarray | None = None,
     ) -> TileUpdate:
-        """Add events (entity ``keys[codes[i]]``, time ``ts[i]`` ms, column values) to the tiles."""
+        """Add events (entity ``keys[codes[i]]``, time ``ts[i]`` ms, column values) to the tiles.
+
+        The events come from source ``partition`` at ``offsets`` (ascending). Without offsets,
+        each entity's event count stands in for its position in ``partition``.
+        """
         ent = self._entity_ids(keys)[codes]
+        if partition >= self.pos.shape[1]:
+            grow = np.full((len(self.pos), partition + 1 - self.pos.shape[1]), -1, dtype=np.int64)
+            self.pos = np.concatenate((self.pos, grow), axis=1)
         tile_no = ts // self.layout.tile_ms
         ukeys, part = partials_from_events(self.layout, (ent << 32) | tile_no, tile_no, ts, columns)
         rows = np.asarray(self._rows_for(ukeys.tolist()), dtype=np.int64)
         self.rows[rows] = merge(self.layout, self.rows[rows], part)
         self.ops[: len(self.entities)] += np.bincount(ent, minlength=len(self.entities))
+        column = self.pos[:, partition]
+        if offsets is None:
+            column[ent] = self.ops[ent] - 1
+        else:
+            np.maximum.at(column, ent, np.asarray(offsets, dtype=np.int64))
         self.max_ts = max(self.max_ts, float(ts.max()))
         self.min_tile = min(self.min_tile, float(tile_no.min()))
         changed = self.rows[rows]  # a copy: row numbers change if eviction compacts below
@@ -115,7 +144,19 @@ class TileState:
             starts=np.concatenate((starts, [len(rows)])).astype(np.int64),
             rewrite=rewrite,
             max_ts=self.max_ts,
+            positions=self.pos[ents].copy(),
         )
+
+    def resync(self) -> TileUpdate:
+        """Every entity's live tiles as a forced rewrite: rebuilds a store that lost its data."""
+        ents = np.arange(len(self.entities), dtype=np.int64)
+        parts = [self.rows[self.rows_of[e]] for e in ents.tolist()]
+        counts = np.fromiter((len(p) for p in parts), np.int64, len(parts))
+        self.logged[: len(ents)] = counts
+        rows = np.concatenate(parts) if parts else self.layout.empty(0)
+        starts = np.concatenate(([0], np.cumsum(counts)[:-1])) if len(parts) else np.zeros(0, np.int64)
+        update = self._update(ents, rows, starts.astype(np.int64), np.ones(len(ents), dtype=bool))
+        return replace(update, force=True)
 
     def tiles_of(self, entity: str) -> np.ndarray:
         """Live tile rows of one entity (for inspection and tests)."""
@@ -139,6 +180,8 @@ class TileState:
             self.ops = np.concatenate((self.ops, np.zeros(grow, dtype=np.int64)))
             self.live = np.concatenate((self.live, np.zeros(grow, dtype=np.int64)))
             self.logged = np.concatenate((self.logged, np.zeros(grow, dtype=np.int64)))
+            more = np.full((grow, self.pos.shape[1]), -1, dtype=np.int64)
+            self.pos = np.concatenate((self.pos, more))
         return out
 
     def _rows_for(self, keys: list[int]) -> list[int]:

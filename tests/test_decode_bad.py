@@ -4,6 +4,7 @@ as they would alone, on the whole-batch path and one message at a time."""
 from __future__ import annotations
 
 import math
+import warnings
 from typing import Any
 
 import numpy as np
@@ -11,7 +12,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from engine.decode import EventDecoder, Reason
+from engine.decode import EventDecoder, Reason, entity_id
 from engine.definitions import Aggregation
 from tests.decode_helpers import (
     _DROP,
@@ -27,6 +28,7 @@ from tests.decode_helpers import (
     make_view,
     per_message,
 )
+from tests.poison_helpers import Odd, Poison, odd_corpus, poison_corpus, poison_view
 
 # ---------------------------------------------------------------------------------------------
 # bad events
@@ -217,3 +219,143 @@ def test_mixed_batches_keep_good_events_in_order(items: list[tuple[str, Any]]) -
     fraud = [math.nan if e["fraud"] is None else float(e["fraud"]) for _, e in expect_good]
     np.testing.assert_array_equal(d.columns[2], np.array(fraud, dtype=np.float64))
     assert_same(d, per_message(dec, values))
+
+
+# ---------------------------------------------------------------------------------------------
+# poison corpus: no message raises past the decoder
+
+
+POISON_VIEW = poison_view("orders")
+POISON = poison_corpus(T0, bound=64 * 1024)
+ODD = odd_corpus(T0)
+
+
+def _good(i: int) -> bytes:
+    return enc({"user_id": f"g{i}", "shop": i, "amount": 1.0 + i, "ts": T0 + i})
+
+
+@pytest.mark.parametrize("p", POISON, ids=[p.kind for p in POISON])
+def test_poison_message_alone_and_among_good_ones(p: Poison) -> None:
+    dec = EventDecoder(POISON_VIEW)
+    value = p.value or b""
+    alone = dec.decode([value])
+    assert_consistent(alone, 1)
+    assert [(i, r) for i, r, _ in alone.failures] == [(0, p.reason)], alone.failures
+    detail = alone.failures[0][2]
+    assert detail.startswith(f"{p.field}: "), detail
+    assert len(detail) < 600
+    values = [_good(0), value, _good(2)]
+    d = dec.decode(values)
+    assert_consistent(d, 3)
+    assert [(i, r) for i, r, _ in d.failures] == [(1, p.reason)]
+    assert d.entity == [entity_id(["g0", 0]), entity_id(["g2", 2])]
+    np.testing.assert_array_equal(d.columns[0], [1.0, 3.0])
+
+
+@pytest.mark.parametrize("o", ODD, ids=[o.kind for o in ODD])
+def test_odd_but_valid_message_is_accepted(o: Odd) -> None:
+    d = EventDecoder(POISON_VIEW).decode([_good(0), o.value, _good(2)])
+    assert d.failures == []
+    assert d.entity[1] == entity_id([o.user_id, o.shop])
+    assert d.ts.tolist() == [T0, T0, T0 + 2]
+    assert d.columns[0][1] == o.amount
+
+
+def test_whole_corpus_in_one_batch() -> None:
+    values = [p.value or b"" for p in POISON] + [o.value for o in ODD]
+    order = np.random.default_rng(1).permutation(len(values)).tolist()
+    mixed = [values[i] for i in order]
+    d = EventDecoder(POISON_VIEW).decode(mixed)
+    assert_consistent(d, len(mixed))
+    reasons = {i: r for i, r, _ in d.failures}
+    for pos, i in enumerate(order):
+        assert reasons.get(pos) == (POISON[i].reason if i < len(POISON) else None)
+
+
+@pytest.mark.parametrize(
+    "fmt, raw, reason",
+    [
+        ("epoch_seconds", b"NaN", Reason.TIMESTAMP),
+        ("epoch_seconds", b"-Infinity", Reason.TIMESTAMP),
+        ("epoch_seconds", b"1e400", Reason.TIMESTAMP),
+        ("epoch_seconds", b"1e308", Reason.TIMESTAMP),
+        ("epoch_seconds", b"9" * 5000, Reason.TIMESTAMP),
+        ("epoch_seconds", b"[" * 5000 + b"]" * 5000, Reason.TIMESTAMP),
+        ("iso8601", b'"0001-01-01T00:00:00+01:00"', Reason.TIMESTAMP),
+        ("iso8601", b'"9999-12-31T23:59:59-23:59"', Reason.TIMESTAMP),
+        ("iso8601", b'"2024-02-30T00:00:00Z"', Reason.TIMESTAMP),
+        ("iso8601", b'"2024-03-10T23:00:00+24:00"', Reason.TIMESTAMP),
+        ("iso8601", b'"\\ud800"', Reason.ENCODING),
+        ("iso8601", b"NaN", Reason.TIMESTAMP),
+        ("iso8601", b"1e400", Reason.TIMESTAMP),
+        ("epoch_millis", b"-Infinity", Reason.TIMESTAMP),
+        ("epoch_millis", b"1" + b"0" * 4000, Reason.TIMESTAMP),
+    ],
+)
+def test_odd_timestamps_of_every_format(fmt: str, raw: bytes, reason: str) -> None:
+    dec = EventDecoder(make_view(fmt))
+    good_ts = {
+        "epoch_millis": b"1700000000000",
+        "epoch_seconds": b"1700000000",
+        "iso8601": b'"2023-11-14T22:13:20Z"',
+    }
+    body = b'{"user_id": "u", "shop": 1, "qty": 2, "ts": '
+    values = [body + good_ts[fmt] + b"}", body + raw + b"}", body + good_ts[fmt] + b"}"]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no overflow warnings either
+        d = dec.decode(values)
+    assert_consistent(d, 3)
+    assert [(i, r) for i, r, _ in d.failures] == [(1, reason)]
+    assert d.failures[0][2].startswith("ts: ")
+    assert d.ts.tolist() == [T0, T0]
+
+
+@pytest.mark.parametrize("raw", [b"1" + b"0" * 400, str(2**63).encode(), b"-" + b"9" * 30])
+def test_int_columns_beyond_int64_are_invalid_values(raw: bytes) -> None:
+    """An aggregated int field (qty) outside int64 is dead-lettered, never a crash or a float."""
+    d = EventDecoder(VIEW).decode([enc(event(0)), enc(event(1)).replace(b'"qty": 1', b'"qty": ' + raw)])
+    assert [(i, r) for i, r, _ in d.failures] == [(1, Reason.VALUE)]
+    assert d.failures[0][2].startswith("qty: ")
+
+
+class _Flaky(EventDecoder):
+    """Fails while building columns for one event: stands in for any unforeseen error."""
+
+    def _timestamps(self, raw: list[Any]) -> Any:
+        if T0 + 13 in raw:
+            raise ValueError("unforeseen")
+        return super()._timestamps(raw)
+
+
+def test_a_batch_that_raises_is_decoded_one_message_at_a_time() -> None:
+    values = [enc(event(i, ts=T0 + 10 + i)) for i in range(6)]
+    d = _Flaky(VIEW).decode(values)
+    assert_consistent(d, 6)
+    assert [(i, r) for i, r, _ in d.failures] == [(3, Reason.UNDECODABLE)]
+    assert d.failures[0][2].startswith("(message): ")
+    assert d.index.tolist() == [0, 1, 2, 4, 5]
+    assert d.ts.tolist() == [T0 + 10 + i for i in (0, 1, 2, 4, 5)]
+    np.testing.assert_array_equal(d.columns[1], [0, 1, 2, 4, 5])
+    assert d.text == {}
+
+
+_good_bytes = [enc(event(i)) for i in range(3)]
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    st.lists(
+        st.one_of(
+            st.binary(max_size=64),
+            st.tuples(
+                st.sampled_from(_good_bytes), st.integers(0, 200), st.binary(min_size=0, max_size=8)
+            ).map(lambda t: t[0][: t[1]] + t[2] + t[0][t[1] :]),
+            st.tuples(st.sampled_from(_good_bytes), st.integers(0, 200)).map(lambda t: t[0][: t[1]]),
+        ),
+        max_size=12,
+    )
+)
+def test_arbitrary_bytes_never_raise(values: list[bytes]) -> None:
+    d = EventDecoder(VIEW).decode(values)
+    assert_consistent(d, len(values))
+    assert all(r and m for _, r, m in d.failures)

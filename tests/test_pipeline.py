@@ -200,11 +200,14 @@ def test_redis_keys_have_a_ttl_under_the_prefix_and_delta_is_partitioned_by_date
     world: World, redis_client: redis.Redis
 ) -> None:
     view, rt = world.view, world.runtime
-    ns = f"{rt.redis_prefix}:{view.name}:{view.version}:"
+    ns = f"{rt.redis_prefix}:{view.name}:{view.version}"
     keys = sorted(k.decode() for k in redis_client.scan_iter(match=f"{rt.redis_prefix}:*", count=1000))
-    assert keys == sorted(ns + e for e in world.entities)
+    tiles = [f"{ns}:{e}" for e in world.entities]
+    guards = [f"{ns}#g:{e}" for e in world.entities]
+    assert keys == sorted([*tiles, *guards, f"{ns}#epoch"])
+    assert redis_client.pttl(f"{ns}#epoch") == -1  # the epoch token never expires
     ttl_ms = (60 + 1) * MIN  # longest lookback (1h sliding) plus one tile
-    for k in keys:
+    for k in tiles + guards:
         pttl = redis_client.pttl(k)
         assert 0 < pttl <= ttl_ms, (k, pttl)
 

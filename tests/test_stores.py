@@ -87,7 +87,7 @@ def test_log_is_rewritten_and_stays_bounded(store: RedisOnlineStore) -> None:
         store.write(ns, [update], 60_000, LAYOUT.row_bytes)
     assert rewrites > 0
     live = len(state.tiles_of("u1"))
-    logged_rows = len(store.client.get(ns + "u1")) // LAYOUT.row_bytes - 1
+    logged_rows = len(store.client.get(ns + "u1")) // LAYOUT.row_bytes
     assert logged_rows <= 2 * live + 16
     assert _sum_1h(store, ns, "u1", T0 + 200_000) == total
 
@@ -189,7 +189,6 @@ def test_background_writer_keeps_order_and_surfaces_errors() -> None:
 
     bad: BackgroundWriter[int] = BackgroundWriter(boom, depth=2)
     bad.submit([1])
-    with pytest.raises(RuntimeError, match="store down"):
+    with pytest.raises(StoreError, match="RuntimeError: store down"):  # not retried: a bug
         bad.drain()
-    with pytest.raises(RuntimeError, match="store down"):
-        bad.close()
+    bad.close()  # raised once: a second raise while the dataflow unwinds would abort the process
