@@ -76,7 +76,8 @@ def prepare_topics(views: list[FeatureView], runtime: RuntimeConfig) -> None:
             partition_count(runtime.kafka_bootstrap_servers, view.source.topic, config=runtime.kafka_config)
         except ServiceUnavailable as exc:
             raise ServiceUnavailable(
-                f"{exc}. Create it, or publish to it first, e.g. `featurestream produce <pipeline file>`"
+                f"{exc}. Create it, or publish to it first, e.g. "
+                "`featurestream produce <pipeline file> <source> events.jsonl`"
             ) from None
         ensure_topic(runtime.kafka_bootstrap_servers, view.source.dlq_topic, 1, config=runtime.kafka_config)
 

@@ -4,6 +4,7 @@ a worker subprocess with its health endpoint, and the exact check of both stores
 from __future__ import annotations
 
 import json
+import shutil
 import signal
 import subprocess
 import sys
@@ -29,24 +30,6 @@ from tests.support import read_topic
 T0 = 1_700_000_000_000
 USERS = 40
 PASSWORD = "pw-Xq7-never-logged"
-
-PIPELINE = """
-from featurestream import Aggregation, Entity, EventSource, FeatureView, Field
-
-source = EventSource(
-    name="pay", topic="{topic}", timestamp_field="ts",
-    fields=(Field(name="user_id", dtype="str"), Field(name="amount", dtype="float")),
-)
-views = [FeatureView(
-    name="pay", entity=Entity(name="user", join_keys=("user_id",)), source=source,
-    aggregations=(
-        Aggregation(function="count", window="1d"),
-        Aggregation(function="sum", column="amount", window="1d"),
-        Aggregation(function="last", column="amount", window="1d"),
-    ),
-    tile_size="1m", allowed_lateness="1d",
-)]
-"""
 
 
 def wait_for(what: str, check: Callable[[], Any], timeout: float, every: float = 0.2) -> Any:
@@ -93,6 +76,13 @@ class PrivateRedis:
             return False
         finally:
             client.close()
+
+    def wipe(self) -> None:
+        """Drop the stopped server's files, so that it starts again empty (as without persistence)."""
+        assert self.proc is None
+        for path in self.dir.iterdir():
+            if path.name != "redis.log":
+                shutil.rmtree(path) if path.is_dir() else path.unlink()
 
     def stop(self) -> None:
         """A real outage: the server exits (SIGTERM: clean shutdown, append-only file synced)."""

@@ -31,6 +31,42 @@ def worker_env(
     }
 
 
+_PAY_PIPELINE = """
+from featurestream import Aggregation, Entity, EventSource, FeatureView, Field
+
+source = EventSource(
+    name="{name}", topic="{topic}", timestamp_field="ts",
+    fields=(Field(name="user_id", dtype="str"), Field(name="amount", dtype="float")),
+)
+views = [FeatureView(
+    name="{name}", entity=Entity(name="user", join_keys=("user_id",)), source=source,
+    aggregations=(
+{aggregations}
+    ),
+    tile_size="1m", allowed_lateness="1d",
+)]
+
+
+def __getattr__(name):
+    if name == "flow":
+        from featurestream.runtime import dataflow
+        return dataflow(*views)
+    raise AttributeError(name)
+"""
+
+
+def pay_pipeline(topic: str, functions: tuple[str, ...] = ("count", "sum", "last"), name: str = "pay") -> str:
+    """A pipeline file's text: one view of ``user_id``/``amount`` events with 1-day aggregations
+    (``count`` of events, the others of ``amount``); ``flow`` for ``python -m bytewax.run``."""
+    aggs = "\n".join(
+        f'        Aggregation(function="{f}", window="1d"),'
+        if f == "count"
+        else f'        Aggregation(function="{f}", column="amount", window="1d"),'
+        for f in functions
+    )
+    return _PAY_PIPELINE.format(name=name, topic=topic, aggregations=aggs)
+
+
 def make_runtime(kafka: str, redis_url: str, delta_dir: Path, prefix: str) -> RuntimeConfig:
     """A bounded runtime isolated by its own Redis key prefix and Delta root, small batches."""
     return RuntimeConfig(

@@ -23,27 +23,19 @@ from engine.definitions import FeatureView
 from featurestream.client import FeatureStore
 from featurestream.runtime import load_views
 from featurestream.services import EphemeralServices, _free_port
-from tests.support import create_topic, make_runtime, produce, read_topic, run_views, unique, worker_env
+from tests.support import (
+    create_topic,
+    make_runtime,
+    pay_pipeline,
+    produce,
+    read_topic,
+    run_views,
+    unique,
+    worker_env,
+)
 
 T0 = 1_700_000_000_000
 CLI = [sys.executable, "-m", "featurestream.cli"]
-
-PIPELINE = """
-from featurestream import Aggregation, Entity, EventSource, FeatureView, Field
-
-source = EventSource(
-    name="pay", topic="{topic}", timestamp_field="ts",
-    fields=(Field(name="user_id", dtype="str"), Field(name="amount", dtype="float")),
-)
-views = [FeatureView(
-    name="pay", entity=Entity(name="user", join_keys=("user_id",)), source=source,
-    aggregations=(
-        Aggregation(function="count", window="1d"),
-        Aggregation(function="sum", column="amount", window="1d"),
-    ),
-    tile_size="1m", allowed_lateness="1d",
-)]
-"""
 
 
 @pytest.fixture(scope="module")
@@ -58,7 +50,7 @@ def _events(n: int, amount: float, users: int = 20) -> list[dict]:
 
 def _pipeline(tmp_path: Path, topic: str) -> tuple[Path, FeatureView]:
     path = tmp_path / "pay.py"
-    path.write_text(PIPELINE.format(topic=topic))
+    path.write_text(pay_pipeline(topic, ("count", "sum")))
     return path, load_views(path)[0]
 
 

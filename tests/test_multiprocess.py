@@ -34,29 +34,12 @@ from engine.definitions import FeatureView
 from featurestream.client import FeatureStore
 from featurestream.runtime import load_views
 from tests.conftest import Services
-from tests.support import unique, worker_env
+from tests.support import pay_pipeline, unique, worker_env
 
 CLI = [sys.executable, "-m", "featurestream.cli"]
 T0 = 1_700_000_000_000
 PARTITIONS = 4
 ENTITIES = 499  # coprime with PARTITIONS: every entity has events in every partition
-
-PIPELINE = """
-from featurestream import Aggregation, Entity, EventSource, FeatureView, Field
-
-source = EventSource(
-    name="mp", topic="{topic}", timestamp_field="ts",
-    fields=(Field(name="user_id", dtype="str"), Field(name="amount", dtype="float")),
-)
-views = [FeatureView(
-    name="mp", entity=Entity(name="user", join_keys=("user_id",)), source=source,
-    aggregations=(
-        Aggregation(function="count", window="1d"),
-        Aggregation(function="sum", column="amount", window="1d"),
-    ),
-    tile_size="1m", allowed_lateness="1d",
-)]
-"""
 
 
 def _event(i: int) -> bytes:
@@ -113,7 +96,7 @@ class Run:
         self.topic = topic
         tmp_path.mkdir(parents=True, exist_ok=True)
         self.pipeline = tmp_path / "mp_pipeline.py"
-        self.pipeline.write_text(PIPELINE.format(topic=topic))
+        self.pipeline.write_text(pay_pipeline(topic, ("count", "sum"), name="mp"))
         self.view: FeatureView = load_views(self.pipeline)[0]
         self.prefix = unique("mp")
         self.env = worker_env(services.kafka, services.redis_url, tmp_path, self.prefix)

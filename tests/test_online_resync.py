@@ -18,89 +18,22 @@ import redis
 from confluent_kafka import Producer
 
 from connectors.delta_store import DeltaOfflineStore
-from featurestream._processes import _free_port, _redis_bin
 from featurestream.client import FeatureStore
 from featurestream.runtime import load_views
 from tests.conftest import Services
-from tests.support import unique, worker_env
+from tests.outage_helpers import PrivateRedis
+from tests.support import pay_pipeline, unique, worker_env
 
 T0 = 1_700_000_000_000
 USERS = 30
 PARTITIONS = 3
 
-PIPELINE = """
-from featurestream import Aggregation, Entity, EventSource, FeatureView, Field
-
-source = EventSource(
-    name="pay", topic="{topic}", timestamp_field="ts",
-    fields=(Field(name="user_id", dtype="str"), Field(name="amount", dtype="float")),
-)
-views = [FeatureView(
-    name="pay", entity=Entity(name="user", join_keys=("user_id",)), source=source,
-    aggregations=(
-        Aggregation(function="count", window="1d"),
-        Aggregation(function="sum", column="amount", window="1d"),
-        Aggregation(function="max", column="amount", window="1d"),
-    ),
-    tile_size="1m", allowed_lateness="1d",
-)]
-
-
-def __getattr__(name):
-    if name == "flow":
-        from featurestream.runtime import dataflow
-        return dataflow(*views)
-    raise AttributeError(name)
-"""
-
-
-class PrivateRedis:
-    """A redis-server of this test alone, without persistence: a restart comes back empty."""
-
-    def __init__(self, work: Path) -> None:
-        self.port = _free_port()
-        self.work = work
-        self.proc: subprocess.Popen[bytes] | None = None
-
-    @property
-    def url(self) -> str:
-        return f"redis://127.0.0.1:{self.port}/0"
-
-    def start(self) -> None:
-        cmd = [
-            _redis_bin(),
-            "--port",
-            str(self.port),
-            "--bind",
-            "127.0.0.1",
-            "--save",
-            "",
-            "--appendonly",
-            "no",
-        ]
-        self.proc = subprocess.Popen(cmd, cwd=self.work, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        deadline = time.monotonic() + 10
-        while time.monotonic() < deadline:
-            try:
-                redis.Redis.from_url(self.url).ping()
-                return
-            except redis.RedisError:
-                time.sleep(0.05)
-        raise RuntimeError(f"redis-server did not start on port {self.port}")
-
-    def kill(self) -> None:
-        if self.proc is not None:
-            self.proc.kill()
-            self.proc.wait(10)
-            self.proc = None
-
 
 @pytest.fixture
 def private_redis(tmp_path: Path) -> Iterator[PrivateRedis]:
-    server = PrivateRedis(tmp_path)
-    server.start()
+    server = PrivateRedis(tmp_path / "redis").start()
     yield server
-    server.kill()
+    server.stop()
 
 
 def _events(start: int, n: int) -> list[dict]:
@@ -162,7 +95,7 @@ def _check_online(
 def _setup(services: Services, topic, tmp_path: Path, redis_url: str):
     name = topic(partitions=PARTITIONS)
     pipeline = tmp_path / "pay.py"
-    pipeline.write_text(PIPELINE.format(topic=name))
+    pipeline.write_text(pay_pipeline(name, ("count", "sum", "max")))
     view = load_views(pipeline)[0]
     recovery = tmp_path / "recovery"
     recovery.mkdir()
@@ -211,7 +144,8 @@ def test_resumed_worker_rebuilds_a_redis_restarted_empty(
     finally:
         worker.send_signal(signal.SIGKILL)
         worker.wait(30)
-    private_redis.kill()
+    private_redis.stop()
+    private_redis.wipe()
     private_redis.start()  # empty
     _produce(services.kafka, name, _events(900, 3), 900)  # three entities get one event each
     resumed = _worker(pipeline, recovery, {**env, "FEATURESTREAM_BOUNDED": "true"})

@@ -30,7 +30,6 @@ from featurestream.services import EphemeralServices
 from tests.conftest import Services
 from tests.outage_helpers import (
     PASSWORD,
-    PIPELINE,
     Feed,
     PrivateRedis,
     Worker,
@@ -39,14 +38,14 @@ from tests.outage_helpers import (
     wait_for,
     watch_outage,
 )
-from tests.support import create_topic, unique, worker_env
+from tests.support import create_topic, pay_pipeline, unique, worker_env
 
 GRACE = 10.0  # engine.writer.STOP_GRACE_SECONDS
 
 
 def _setup(tmp_path: Path, topic: str) -> tuple[Path, object]:
     pipeline = tmp_path / "pay.py"
-    pipeline.write_text(PIPELINE.format(topic=topic))
+    pipeline.write_text(pay_pipeline(topic))
     return pipeline, load_views(pipeline)[0]
 
 
@@ -59,7 +58,9 @@ def _no_secret(text: str) -> None:
     assert PASSWORD not in text, "the Redis password leaked"
 
 
-def _redis_outage(services: Services, tmp_path: Path) -> None:
+def _redis_outage(services: Services, tmp_path: Path, empty: bool = False) -> None:
+    """Redis stops for 30 s, then returns with its data, or (``empty``) without it: the worker
+    must then rebuild every entity it holds from state."""
     name = create_topic(services.kafka, unique("events"), 2)
     pipeline, view = _setup(tmp_path, name)
     redis_server = PrivateRedis(tmp_path / "redis").start()
@@ -72,6 +73,8 @@ def _redis_outage(services: Services, tmp_path: Path) -> None:
         time.sleep(2)
         redis_server.stop()
         seen = watch_outage(worker, 30, "redis", "pay")
+        if empty:
+            redis_server.wipe()
         redis_server.start()
         wait_for("/healthz 200 after Redis returned", lambda: _healthy(worker), 30)
         time.sleep(1)
@@ -89,6 +92,8 @@ def _redis_outage(services: Services, tmp_path: Path) -> None:
         _no_secret(out)
         assert "redis store of view pay" in out and "retrying" in out, out[-3000:]
         assert "worker exiting: stop requested" in out, out[-3000:]
+        if empty:
+            assert "lost its data" in out, out[-3000:]
         assert assert_exact(view, services.kafka, redis_server.url, tmp_path / "delta", prefix) == sent
     finally:
         feed.stop()
@@ -188,6 +193,7 @@ _SCENARIOS: dict[str, Callable[[Services, Path], None]] = {
     "redis": _redis_outage,
     "delta": _delta_outage,
     "broker": _broker_outage,
+    "redis_empty": lambda services, tmp_path: _redis_outage(services, tmp_path, empty=True),
 }
 
 
@@ -203,6 +209,12 @@ def outages(services: Services, tmp_path_factory: pytest.TempPathFactory) -> Ite
 
 def test_redis_outage_is_survived_and_stores_end_exact(outages: dict[str, Future]) -> None:
     outages["redis"].result(timeout=300)
+
+
+def test_redis_back_empty_after_an_outage_is_rebuilt_and_stores_end_exact(
+    outages: dict[str, Future],
+) -> None:
+    outages["redis_empty"].result(timeout=300)
 
 
 def test_delta_outage_is_survived_and_delta_ends_exact(outages: dict[str, Future]) -> None:

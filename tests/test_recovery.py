@@ -16,34 +16,9 @@ from connectors.delta_store import DeltaOfflineStore
 from featurestream.client import FeatureStore
 from featurestream.runtime import load_views
 from tests.conftest import Services
-from tests.support import produce, unique, worker_env
+from tests.support import pay_pipeline, produce, unique, worker_env
 
 T0 = 1_700_000_000_000
-
-PIPELINE = """
-from featurestream import Aggregation, Entity, EventSource, FeatureView, Field
-
-source = EventSource(
-    name="pay", topic="{topic}", timestamp_field="ts",
-    fields=(Field(name="user_id", dtype="str"), Field(name="amount", dtype="float")),
-)
-views = [FeatureView(
-    name="pay", entity=Entity(name="user", join_keys=("user_id",)), source=source,
-    aggregations=(
-        Aggregation(function="count", window="1d"),
-        Aggregation(function="sum", column="amount", window="1d"),
-        Aggregation(function="last", column="amount", window="1d"),
-    ),
-    tile_size="1m", allowed_lateness="1d",
-)]
-
-
-def __getattr__(name):
-    if name == "flow":
-        from featurestream.runtime import dataflow
-        return dataflow(*views)
-    raise AttributeError(name)
-"""
 
 
 def _events(start: int, n: int) -> list[dict]:
@@ -64,7 +39,7 @@ def _worker(pipeline: Path, recovery: Path, env: dict[str, str]) -> subprocess.P
 def test_killed_worker_resumes_exactly(services: Services, topic, tmp_path: Path) -> None:
     name = topic(partitions=2)
     pipeline = tmp_path / "pay.py"
-    pipeline.write_text(PIPELINE.format(topic=name))
+    pipeline.write_text(pay_pipeline(name, ("count", "sum", "last")))
     view = load_views(pipeline)[0]
     recovery = tmp_path / "recovery"
     recovery.mkdir()
@@ -124,7 +99,7 @@ def test_killed_worker_resumes_exactly(services: Services, topic, tmp_path: Path
 def test_run_with_recovery_dir_resumes_without_rereading(services: Services, topic, tmp_path: Path) -> None:
     name = topic(partitions=1)
     pipeline = tmp_path / "pay.py"
-    pipeline.write_text(PIPELINE.format(topic=name))
+    pipeline.write_text(pay_pipeline(name, ("count", "sum", "last")))
     prefix = unique("rec")
     env = _env(services, tmp_path, prefix)
     cmd = [
