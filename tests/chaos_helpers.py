@@ -10,6 +10,7 @@ every produced event. Event times are unique, so ``last`` needs no tie-break.
 
 from __future__ import annotations
 
+import os
 import signal
 import subprocess
 import sys
@@ -170,6 +171,7 @@ class Chaos:
     partitions: int
     recovery: bool
     snapshot_seconds: int = 1
+    processes: int = 1
     topic: str = field(init=False)
     prefix: str = field(init=False)
     pipeline: Path = field(init=False)
@@ -182,7 +184,7 @@ class Chaos:
         self.pipeline = self.work / "chaos_pipeline.py"
         self.pipeline.write_text(PIPELINE.format(topic=self.topic, features=FEATURES))
         self.view = load_views(self.pipeline)[0]
-        if self.recovery:
+        if self.recovery and self.processes == 1:  # `run -p N` makes its own partitions
             from bytewax.recovery import init_db_dir
 
             (self.work / "recovery").mkdir(parents=True, exist_ok=True)
@@ -197,10 +199,30 @@ class Chaos:
         )
 
     def start(self, *, bounded: bool = False, metrics_port: int = 0) -> subprocess.Popen:
-        """The worker: ``bytewax.run -r`` with recovery, else ``featurestream run`` (from the start)."""
+        """The worker: ``bytewax.run -r`` with recovery, else ``featurestream run`` (from the start);
+        with several processes, ``featurestream run -p N`` (with ``--recovery-dir``), in its own
+        process group so that a kill reaches every process."""
         env = worker_env(self.kafka, self.redis_url, self.work, self.prefix, metrics_port)
         env["FEATURESTREAM_DRIFT_INTERVAL_SECONDS"] = "0"
-        if self.recovery:
+        if self.processes > 1:
+            cmd = [
+                sys.executable,
+                "-m",
+                "featurestream.cli",
+                "run",
+                str(self.pipeline),
+                "-p",
+                str(self.processes),
+            ]
+            if self.recovery:
+                cmd += [
+                    "--recovery-dir",
+                    str(self.work / "recovery"),
+                    "--snapshot-seconds",
+                    str(self.snapshot_seconds),
+                ]
+            cmd += ["--bounded"] if bounded else []
+        elif self.recovery:
             rec = str(self.work / "recovery")
             cmd = [sys.executable, "-m", "bytewax.run", f"{self.pipeline}:flow", "-r", rec]
             cmd += ["-s", str(self.snapshot_seconds), "-b", "0"]
@@ -211,7 +233,16 @@ class Chaos:
         log = self.work / f"worker-{len(self.logs):03d}.log"
         self.logs.append(log)
         with log.open("w") as out:  # the worker keeps its own copy of the descriptor
-            return subprocess.Popen(cmd, env=env, stdout=out, stderr=subprocess.STDOUT)
+            return subprocess.Popen(
+                cmd, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=self.processes > 1
+            )
+
+    def stop(self, worker: subprocess.Popen, sig: signal.Signals) -> None:
+        """SIGKILL hits every process (the group); SIGTERM asks the launcher to stop cleanly."""
+        if self.processes > 1 and sig == signal.SIGKILL:
+            os.killpg(worker.pid, sig)
+        else:
+            worker.send_signal(sig)
 
     def tail(self, lines: int = 30) -> str:
         return "\n".join(self.logs[-1].read_text().splitlines()[-lines:]) if self.logs else ""
@@ -270,11 +301,11 @@ def chaos_run(
             time.sleep(float(rng.uniform(0.0, max_delay)))
             if worker.poll() is not None:
                 raise AssertionError(f"worker exited with {worker.returncode} on its own\n{chaos.tail()}")
-            worker.send_signal(sig)
+            chaos.stop(worker, sig)
             code = worker.wait(60)
         finally:
             if worker.poll() is None:
-                worker.kill()
+                chaos.stop(worker, signal.SIGKILL)
                 worker.wait(10)
         want = -signal.SIGKILL if chaos.recovery else 0
         assert code == want, f"stop {i}: worker exit code {code}, expected {want}\n{chaos.tail()}"

@@ -113,3 +113,18 @@ def test_random_stops_while_events_arrive_lose_and_duplicate_nothing(
     print(f"{outcome.stops} stops; chaos and final run {outcome.seconds:.1f} s")
     assert outcome.stops >= 12
     _assert_exact(chaos, events, outcome.produced)
+
+
+@pytest.mark.parametrize("recovery", [True, False], ids=["kill-9-group-recovery-dir", "sigterm-no-recovery"])
+def test_two_processes_stopped_again_and_again_lose_and_duplicate_nothing(
+    services: Services, tmp_path: Path, recovery: bool
+) -> None:
+    """The same with ``featurestream run -p 2``: every process of the group killed at once (resuming
+    from the shared recovery dir), or the launcher asked to stop cleanly, at least 10 times."""
+    chaos = Chaos(services.kafka, services.redis_url, tmp_path, 4, recovery, snapshot_seconds=1, processes=2)
+    events = make_events(30_000, 200, 4, seed=13 if recovery else 17)
+    outcome = chaos_run(
+        chaos, events, stops=10, seed=19 if recovery else 23, max_delay=2.0, produce_seconds=15.0, say=print
+    )
+    assert outcome.stops >= 10
+    _assert_exact(chaos, events, outcome.produced)
