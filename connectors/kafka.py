@@ -114,6 +114,7 @@ class RawBatch:
     values: list[bytes]
     keys: list[bytes | None]
     offsets: np.ndarray
+    produced_at: float = float("nan")  # oldest message timestamp of the batch, epoch seconds
 
     @property
     def next_offset(self) -> int:
@@ -135,8 +136,8 @@ def partition_count(
     t = md.topics.get(topic)
     if t is None or t.error is not None or not t.partitions:
         raise ServiceUnavailable(
-            f"topic {topic!r} does not exist on {bootstrap}; create it (featurestream creates "
-            f"it on `run` when it may) or check the source's topic name"
+            f"topic {topic!r} does not exist on {bootstrap}; create it (`featurestream produce "
+            "... --partitions N` does) or check the source's topic name"
         )
     return len(t.partitions)
 
@@ -294,6 +295,7 @@ class PartitionReader:
             self._check_not_behind()
             return None
         values, keys, offsets = [], [], []
+        oldest = 2**62
         for m in msgs:
             err = m.error()
             if err is not None:
@@ -310,9 +312,19 @@ class PartitionReader:
             values.append(m.value() or b"")
             keys.append(m.key())
             offsets.append(m.offset())
+            kind, stamp = m.timestamp()
+            if kind and 0 < stamp < oldest:
+                oldest = stamp
         if not values:
             return None
-        batch = RawBatch(self.topic, self.partition, values, keys, np.asarray(offsets, np.int64))
+        batch = RawBatch(
+            self.topic,
+            self.partition,
+            values,
+            keys,
+            np.asarray(offsets, np.int64),
+            oldest / 1000 if oldest < 2**62 else float("nan"),
+        )
         self.position = batch.next_offset
         self._fetched = True
         if self.end_offset is not None and not self._refined:

@@ -40,6 +40,8 @@ from engine.observe import configure_logging
 from engine.redact import describe
 from engine.sinks import DeadLetterSink, OfflineSink, OnlineSink, TimedUpdate, partition_key, shard_key
 from engine.state import TileState
+from engine.table_definitions import TableView
+from engine.table_flow import add_table_view
 from engine.tiles import TileLayout
 from engine.writer import new_run
 
@@ -51,6 +53,7 @@ __all__ = [
     "recovery_config",
     "request_stop",
     "run_dataflow",
+    "snapshots_needed",
     "stop_on_signals",
 ]
 
@@ -66,7 +69,7 @@ class RuntimeConfig(BaseModel):
     delta_storage_options: dict[str, str] = {}
     redis_prefix: str = "fs"
     batch_size: int = 20_000
-    poll_timeout_seconds: float = 0.05
+    poll_timeout_seconds: float = 0.005  # an idle partition's wait before its next (non-blocking) read
     shards: int = Field(default=32, ge=1, le=9999)
     stop_at_end: bool = False
     offline_flush_rows: int = 500_000
@@ -84,6 +87,7 @@ class ShardEvents:
     ts: np.ndarray
     columns: list[np.ndarray]
     read_at: float = 0.0  # when the batch was read from Kafka (wall clock)
+    produced_at: float = float("nan")  # oldest Kafka message timestamp of the source batch
     partition: int = 0
     offsets: np.ndarray | None = None  # source offsets of the events, ascending
 
@@ -116,12 +120,23 @@ def split_shards(batch: SourceBatch, shards: int) -> list[tuple[str, ShardEvents
                     ts=batch.ts[idx],
                     columns=[c[idx] for c in batch.columns],
                     read_at=batch.read_at,
+                    produced_at=batch.produced_at,
                     partition=batch.partition,
                     offsets=batch.offsets[idx],
                 ),
             )
         )
     return out
+
+
+_SNAPSHOTS = {"needed": True}
+
+
+def snapshots_needed(needed: bool) -> None:
+    """Say whether Bytewax recovery is on in this process. Bytewax asks every stateful operator
+    for a snapshot at each epoch even without recovery; the tile operators then skip their deep
+    copy of each shard. Unknown (never said) means needed, the safe side."""
+    _SNAPSHOTS["needed"] = needed
 
 
 class OnlineEpochWatch:
@@ -184,7 +199,7 @@ class TileLogic(StatefulBatchLogic[ShardEvents, TimedUpdate, TileState]):
         for ev in values:
             update = self.state.apply(ev.keys, ev.codes, ev.ts, ev.columns, ev.partition, ev.offsets)
             if update.entities:
-                out.append(TimedUpdate(update, ev.read_at))
+                out.append(TimedUpdate(update, ev.read_at, ev.produced_at))
         return out, StatefulBatchLogic.RETAIN
 
     def on_notify(self) -> tuple[list[TimedUpdate], bool]:
@@ -198,17 +213,23 @@ class TileLogic(StatefulBatchLogic[ShardEvents, TimedUpdate, TileState]):
         wait = max(0.0, self.watch.next_check - time.monotonic())
         return datetime.now(UTC) + timedelta(seconds=wait)
 
-    def snapshot(self) -> TileState:
-        return copy.deepcopy(self.state)
+    def snapshot(self) -> TileState | None:
+        # A copy, because Bytewax serialises it later while this state keeps changing.
+        return copy.deepcopy(self.state) if _SNAPSHOTS["needed"] else None
 
 
-def build_dataflow(views: list[FeatureView], runtime: RuntimeConfig, name: str = "featurestream") -> Dataflow:
+def build_dataflow(
+    views: list[FeatureView | TableView], runtime: RuntimeConfig, name: str = "featurestream"
+) -> Dataflow:
     """One dataflow computing every view; each view reads its own source partitions."""
     if not views:
         raise ValueError("build_dataflow needs at least one FeatureView")
     flow = Dataflow(name)
     offline = DeltaOfflineStore(runtime.delta_uri, runtime.delta_storage_options)
     for view in views:
+        if isinstance(view, TableView):  # CDC: current-row aggregates, see engine.table_flow
+            add_table_view(flow, view, runtime, offline)
+            continue
         layout = TileLayout.of(view)
         retention = duration_ms(view.max_lookback) + duration_ms(view.allowed_lateness) + layout.tile_ms
         v = f"{view.name}_{view.version}"
@@ -343,6 +364,7 @@ def run_dataflow(
     try:
         partitions = workers * len(addresses or [""])
         recovery = None if recovery_dir is None else recovery_config(recovery_dir, partitions)
+        snapshots_needed(recovery is not None)
         cli_main(
             flow,
             workers_per_process=workers,

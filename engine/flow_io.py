@@ -13,7 +13,7 @@ import threading
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import numpy as np
@@ -60,6 +60,7 @@ class SourceBatch:
     read: int = 0
     watermark: float = _NO_TS
     read_at: float = 0.0  # wall-clock time the batch came from Kafka (for the latency histogram)
+    produced_at: float = float("nan")  # oldest Kafka message timestamp in the batch (freshness)
 
     def rows(self, columns: tuple[str, ...]) -> pa.Table:
         """The accepted events as offline-store rows."""
@@ -101,6 +102,7 @@ class _DecodingPartition(StatefulSourcePartition[SourceBatch, dict]):
         self.max_ts = max_ts
         self.batch_size = batch_size
         self.poll_timeout = poll_timeout
+        self._awake: datetime | None = None
         labels = {"view": view.name, "topic": reader.topic, "partition": str(reader.partition)}
         self._in = EVENTS_IN.labels(**labels)
         self._wm = WATERMARK.labels(**labels)
@@ -113,12 +115,17 @@ class _DecodingPartition(StatefulSourcePartition[SourceBatch, dict]):
     def next_batch(self) -> list[SourceBatch]:
         if self.reader.at_end or STOP.is_set():
             raise StopIteration
-        raw = self.reader.read(self.batch_size, self.poll_timeout)
+        # Never wait inside the read: the client fetches in the background, so a read takes what
+        # has arrived (a small batch when the stream is slow, up to batch_size when it is fast),
+        # and a worker's other partitions are never held up by this one's timeout.
+        raw = self.reader.read(self.batch_size, 0.0)
         read_at = time.time()
         HEALTH.source_polled(*self._key)
         self._lag.set(self.reader.lag())
         if raw is None:
+            self._awake = datetime.now(UTC) + timedelta(seconds=self.poll_timeout)
             return []
+        self._awake = None
         dec = self.decoder.decode(raw.values)
         ts = dec.ts
         dead = [
@@ -177,8 +184,13 @@ class _DecodingPartition(StatefulSourcePartition[SourceBatch, dict]):
                 read=len(raw.values),
                 watermark=self.max_ts - self.lateness,
                 read_at=read_at,
+                produced_at=raw.produced_at,
             )
         ]
+
+    def next_awake(self) -> datetime | None:
+        """After an empty read, poll again in ``poll_timeout`` seconds; else at once."""
+        return self._awake
 
     def snapshot(self) -> dict:
         return {"offset": self.reader.position, "max_ts": self.max_ts, "topic_id": self.topic_id}

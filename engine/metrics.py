@@ -61,7 +61,7 @@ BATCH_LATENCY = Histogram(
 )
 FRESHNESS = Histogram(
     "featurestream_feature_freshness_seconds",
-    "Online write completion time minus the newest event time of the written tiles",
+    "Redis acknowledgement time minus the Kafka timestamp of the oldest message of the batch",
     ["view"],
     buckets=FRESHNESS_BUCKETS,
 )

@@ -11,6 +11,7 @@ offsets they already hold.
 
 from __future__ import annotations
 
+import math
 import threading
 import time
 from collections.abc import Callable, Mapping
@@ -305,10 +306,12 @@ class OfflineSink(FixedPartitionedSink[pa.Table, None]):
 
 @dataclass
 class TimedUpdate:
-    """A tile update and the wall-clock time its source batch was read from Kafka."""
+    """A tile update, when its source batch was read from Kafka (wall clock) and the oldest Kafka
+    message timestamp in that batch (NaN if the broker gave none)."""
 
     update: TileUpdate
     read_at: float
+    produced_at: float = float("nan")
 
 
 class _OnlineWrite:
@@ -329,14 +332,20 @@ class _OnlineWrite:
         self._write([i.update if isinstance(i, TimedUpdate) else i for i in items])
         done = time.time()
         # One observation per source batch in this write (a batch spans several shards).
-        newest: dict[float | None, float] = {}
+        # Freshness runs from the oldest message's Kafka timestamp (when it was produced) to
+        # the store's acknowledgement; without a timestamp, from the newest event time.
+        batches: dict[float, float] = {}
         for item in items:
-            read_at, update = (item.read_at, item.update) if isinstance(item, TimedUpdate) else (None, item)
-            newest[read_at] = max(newest.get(read_at, update.max_ts), update.max_ts)
-        for read_at, max_ts in newest.items():
-            if read_at is not None:
-                self._latency.observe(done - read_at)
-            self._freshness.observe(done - max_ts / 1000)
+            if isinstance(item, TimedUpdate):
+                since = item.produced_at
+                if math.isnan(since):
+                    since = item.update.max_ts / 1000
+                batches[item.read_at] = min(batches.get(item.read_at, since), since)
+            else:
+                self._freshness.observe(done - item.max_ts / 1000)
+        for read_at, since in batches.items():
+            self._latency.observe(done - read_at)
+            self._freshness.observe(done - since)
 
 
 class _OnlinePartition(StatefulSinkPartition[TimedUpdate | TileUpdate, None]):

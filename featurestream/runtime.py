@@ -10,9 +10,10 @@ from pathlib import Path
 from bytewax.dataflow import Dataflow
 
 from connectors.kafka import ensure_topic, partition_count
-from engine.dataflow import RuntimeConfig, build_dataflow, stop_on_signals
+from engine.dataflow import RuntimeConfig, build_dataflow, snapshots_needed, stop_on_signals
 from engine.definitions import FeatureView
 from engine.errors import DefinitionError, ServiceUnavailable
+from engine.table_definitions import TableView
 from featurestream.client import FeatureStore
 from featurestream.config import Settings
 from featurestream.services import ensure_services
@@ -43,7 +44,7 @@ def load_views(path: str | Path) -> list[FeatureView]:
     spec.loader.exec_module(module)
     found = list(getattr(module, "views", None) or [])
     if not found:
-        found = [v for v in vars(module).values() if isinstance(v, FeatureView)]
+        found = [v for v in vars(module).values() if isinstance(v, FeatureView | TableView)]
     if not found:
         raise DefinitionError(f"{path} defines no FeatureView; define one or a `views` list")
     names = [v.name for v in found]
@@ -75,9 +76,13 @@ def prepare_topics(views: list[FeatureView], runtime: RuntimeConfig) -> None:
         try:
             partition_count(runtime.kafka_bootstrap_servers, view.source.topic, config=runtime.kafka_config)
         except ServiceUnavailable as exc:
+            if "does not exist" not in str(exc):
+                raise
             raise ServiceUnavailable(
-                f"{exc}. Create it, or publish to it first, e.g. "
-                "`featurestream produce <pipeline file> <source> events.jsonl`"
+                f"source topic {view.source.topic!r} of feature view {view.name!r} does not exist on "
+                f"{runtime.kafka_bootstrap_servers} (`run` creates only dead-letter topics); create it "
+                f"by publishing to it, e.g. `featurestream produce PIPELINE.py {view.source.name} "
+                "events.jsonl --partitions 4`, or fix the source's topic name"
             ) from None
         ensure_topic(runtime.kafka_bootstrap_servers, view.source.dlq_topic, 1, config=runtime.kafka_config)
 
@@ -105,6 +110,18 @@ def start_metrics(settings: Settings, process_id: int | None = None) -> int:
     return port
 
 
+def _tell_recovery_from_bytewax_run() -> None:
+    """Under ``python -m bytewax.run`` without ``-r``, state snapshots are never used: say so, so
+    the tile operators skip them (anything else keeps them)."""
+    argv = sys.argv
+    if not argv or not argv[0].replace("\\", "/").endswith("bytewax/run.py"):
+        return
+    recovery = os.environ.get("BYTEWAX_RECOVERY_DIRECTORY") or any(
+        a in ("-r", "--recovery-directory") or a.startswith("--recovery-directory=") for a in argv[1:]
+    )
+    snapshots_needed(bool(recovery))
+
+
 def dataflow(*views: FeatureView, settings: Settings | None = None) -> Dataflow:
     """A ready-to-run dataflow for ``views`` (what ``python -m bytewax.run file.py:flow`` runs).
 
@@ -114,16 +131,60 @@ def dataflow(*views: FeatureView, settings: Settings | None = None) -> Dataflow:
     from featurestream.serving import served_views, start_drift_watch
 
     configure_logging()
+    _tell_recovery_from_bytewax_run()
     settings = settings or Settings()
     runtime = runtime_config(settings)
     served = served_views(list(views), settings)
     prepare_topics(served, runtime)
     flow = build_dataflow(served, runtime)
+    _announce(served)
     start_metrics(settings)
     if int(os.environ.get("BYTEWAX_PROCESS_ID", "0")) == 0:
         start_drift_watch(served, settings)
     stop_on_signals()
     return flow
+
+
+def run_summary(views: list[FeatureView], seconds: float) -> list[str]:
+    """What a run did, from this process's metrics: per view, events read and accepted, dead
+    letters by reason, time and rate."""
+    from engine.metrics import DEAD_LETTERS, EVENTS_ACCEPTED, EVENTS_IN, total
+
+    lines = []
+    for view in views:
+        read = int(total(EVENTS_IN, view=view.name))
+        accepted = int(total(EVENTS_ACCEPTED, view=view.name))
+        reasons: dict[str, int] = {}
+        for metric in DEAD_LETTERS.collect():
+            for sample in metric.samples:
+                if sample.name.endswith("_total") and sample.labels.get("view") == view.name and sample.value:
+                    reason = sample.labels["reason"]
+                    reasons[reason] = reasons.get(reason, 0) + int(sample.value)
+        detail = f" ({', '.join(f'{r} {n:,}' for r, n in sorted(reasons.items()))})" if reasons else ""
+        rate = f"{read / seconds:,.0f} events/s" if seconds > 0 else "-"
+        lines.append(
+            f"{view.name} ({view.version}): {read:,} events read from {view.source.topic} in "
+            f"{seconds:,.1f} s ({rate}); {accepted:,} accepted; {sum(reasons.values()):,} dead "
+            f"letters{detail} on {view.source.dlq_topic}"
+        )
+    return lines
+
+
+def _announce(views: list[FeatureView]) -> None:
+    """Under ``python -m bytewax.run``: log what runs, and a summary when the process ends."""
+    import atexit
+    import logging
+    import time
+
+    log = logging.getLogger("featurestream")
+    log.info("running %s", ", ".join(f"{v.name} ({v.version})" for v in views))
+    started = time.monotonic()
+
+    def summary() -> None:
+        for line in run_summary(views, time.monotonic() - started):
+            log.info("%s", line)
+
+    atexit.register(summary)
 
 
 def feature_store(

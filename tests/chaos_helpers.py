@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -248,6 +249,43 @@ class Chaos:
         return "\n".join(self.logs[-1].read_text().splitlines()[-lines:]) if self.logs else ""
 
 
+def _free_ports(n: int) -> int:
+    """A base port with ``n`` free ports from it (worker process ``i`` serves metrics on base + i)."""
+    for _ in range(100):
+        base = _free_port()
+        if all(_bindable(base + i) for i in range(1, n)):
+            return base
+    raise AssertionError(f"no {n} consecutive free ports")
+
+
+def _bindable(port: int) -> bool:
+    with socket.socket() as sock:
+        try:
+            sock.bind(("127.0.0.1", port))
+            return True
+        except OSError:
+            return False
+
+
+def start_ready(chaos: Chaos, attempts: int = 3) -> subprocess.Popen:
+    """A worker whose metrics endpoint answers. Ports are picked free but another process may take
+    one before the worker binds it; that start is retried on other ports."""
+    for attempt in range(attempts):
+        port = _free_ports(chaos.processes)
+        worker = chaos.start(metrics_port=port)
+        try:
+            wait_ready(worker, port, chaos.logs[-1])
+            return worker
+        except AssertionError:
+            lost_port = "cannot serve metrics" in chaos.logs[-1].read_text()
+            if worker.poll() is None:
+                chaos.stop(worker, signal.SIGKILL)
+                worker.wait(10)
+            if not lost_port or attempt == attempts - 1:
+                raise
+    raise AssertionError("unreachable")
+
+
 def wait_ready(worker: subprocess.Popen, port: int, log: Path, timeout: float = 90.0) -> None:
     """Until the worker's health endpoint answers (its flow is built and its signals handled)."""
     deadline = time.monotonic() + timeout
@@ -294,10 +332,8 @@ def chaos_run(
     producer.start()
     i = 0
     while i < stops or producer.is_alive():
-        port = _free_port()
-        worker = chaos.start(metrics_port=port)
+        worker = start_ready(chaos)
         try:
-            wait_ready(worker, port, chaos.logs[-1])
             time.sleep(float(rng.uniform(0.0, max_delay)))
             if worker.poll() is not None:
                 raise AssertionError(f"worker exited with {worker.returncode} on its own\n{chaos.tail()}")

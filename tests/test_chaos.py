@@ -17,7 +17,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from featurestream._processes import _free_port
 from tests.chaos_helpers import (
     BASE,
     MIN,
@@ -27,7 +26,7 @@ from tests.chaos_helpers import (
     chaos_run,
     compare,
     make_events,
-    wait_ready,
+    start_ready,
 )
 from tests.conftest import Services
 
@@ -71,10 +70,8 @@ def test_entity_in_two_partitions_survives_a_restart(
         names=["u"],
     )
     produced = _publish(chaos, _slice(events, slice(0, 10)))
-    port = _free_port()
-    worker = chaos.start(metrics_port=port)
+    worker = start_ready(chaos)
     try:
-        wait_ready(worker, port, chaos.logs[-1])
         store = chaos.store()
         at = datetime.fromtimestamp((BASE + 61 * MIN) / 1000, UTC)
         deadline = time.monotonic() + 60
