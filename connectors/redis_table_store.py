@@ -1,0 +1,56 @@
+"""Redis online store of table views: one string per entity holding its current feature values.
+
+Layout, per view version (``ns`` = ``{prefix}:{view}:{version}``), as for feature views:
+``{ns}:{entity}`` holds the values (msgpack: newest change time, then the values in feature
+order), ``{ns}#g:{entity}`` the entity's guard (its position vector), ``{ns}#epoch`` the token
+naming this copy of the data.
+
+Delivery: effectively-once per entity, by the same Lua script as the tile store
+(:mod:`connectors.redis_store`): a write replaces the value unless every position in it is at or
+below the guard's (a replay of what the store holds), whatever the partitioning of the entity's
+changes; a forced resync (after the store lost its data) is always applied. After a restart, an
+entity's first writes may interleave partitions differently, but each later write carries the
+positions of everything applied, so the store converges to the state.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import redis
+
+from connectors.redis_store import _CHUNK_ARGS, RedisOnlineStore
+from engine.errors import StoreError
+from engine.redact import redact_url
+from engine.table_state import TableUpdate, unpack
+
+__all__ = ["RedisTableStore"]
+
+
+class RedisTableStore(RedisOnlineStore):
+    """Current table-view values in Redis. Delivery: effectively-once per entity (see module)."""
+
+    def write_values(self, namespace: str, updates: list[TableUpdate], ttl_ms: int = 0) -> int:
+        """Apply updates in order (each entity atomically); returns how many entity writes applied."""
+        head: list[Any] = [ttl_ms, namespace, self.guard_namespace(namespace)]
+        args: list[Any] = []
+        applied = 0
+        try:
+            for update in updates:
+                pos = np.ascontiguousarray(update.positions, dtype="<f8")
+                mode = "f" if update.force else "r"
+                for i, ent in enumerate(update.entities):
+                    args += [ent, pos[i].tobytes(), update.blobs[i], mode]
+                    if len(args) >= _CHUNK_ARGS:
+                        applied += int(self._write(args=head + args))
+                        args = []
+            if args:
+                applied += int(self._write(args=head + args))
+        except redis.RedisError as exc:
+            raise StoreError(f"online write to {redact_url(self.url)} failed: {exc}") from exc
+        return applied
+
+    def read_values(self, namespace: str, entities: list[str]) -> list[tuple[int | None, list[Any] | None]]:
+        """Each entity's (newest change time ms, values); (None, None) for an unknown entity."""
+        return [unpack(b) for b in self.read_tiles(namespace, entities)]
