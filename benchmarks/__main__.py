@@ -3,6 +3,7 @@
 ./run bench                      # 1M events, 10k entities, 3 windows x 4 aggregations
 ./run bench --events 200000      # quicker
 ./run bench soak --help          # lost/duplicated events under repeated kills (benchmarks/soak.py)
+./run bench freshness            # producer wall clock -> readable online, at 1k/10k/50k events/s
 ./run bench serve                # feature server p50/p99 and requests/s (benchmarks/serve.py)
 """
 
@@ -73,6 +74,10 @@ def main() -> None:
         from benchmarks.soak import main as soak
 
         sys.exit(soak(sys.argv[2:]))
+    if sys.argv[1:2] == ["freshness"]:
+        from benchmarks.freshness import main as freshness
+
+        sys.exit(freshness(sys.argv[2:]))
     if sys.argv[1:2] == ["serve"]:
         from benchmarks.serve import main as serve
 
