@@ -39,6 +39,7 @@ from engine.flow_io import STOP, DecodingKafkaSource, SourceBatch, request_stop
 from engine.observe import configure_logging
 from engine.redact import describe
 from engine.sinks import DeadLetterSink, OfflineSink, OnlineSink, TimedUpdate, partition_key, shard_key
+from engine.snapshots import snapshots_needed, snapshots_wanted
 from engine.state import TileState
 from engine.table_definitions import TableView
 from engine.table_flow import add_table_view
@@ -129,16 +130,6 @@ def split_shards(batch: SourceBatch, shards: int) -> list[tuple[str, ShardEvents
     return out
 
 
-_SNAPSHOTS = {"needed": True}
-
-
-def snapshots_needed(needed: bool) -> None:
-    """Say whether Bytewax recovery is on in this process. Bytewax asks every stateful operator
-    for a snapshot at each epoch even without recovery; the tile operators then skip their deep
-    copy of each shard. Unknown (never said) means needed, the safe side."""
-    _SNAPSHOTS["needed"] = needed
-
-
 class OnlineEpochWatch:
     """Notices when the online store lost its data (its epoch token changed), at most every
     ``interval`` seconds, so the tile state can rewrite every entity it holds.
@@ -215,7 +206,7 @@ class TileLogic(StatefulBatchLogic[ShardEvents, TimedUpdate, TileState]):
 
     def snapshot(self) -> TileState | None:
         # A copy, because Bytewax serialises it later while this state keeps changing.
-        return copy.deepcopy(self.state) if _SNAPSHOTS["needed"] else None
+        return copy.deepcopy(self.state) if snapshots_wanted() else None
 
 
 def build_dataflow(

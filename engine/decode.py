@@ -15,7 +15,7 @@ import re
 import sys
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Annotated, Any
 
 import msgspec
@@ -27,6 +27,8 @@ __all__ = ["DeadLetter", "DecodedEvents", "EventDecoder", "Reason", "entity_id"]
 
 # Epoch milliseconds accepted as event times: 1970-01-01 .. 2100-01-01.
 _MAX_TS_MS = 4_102_444_800_000
+# Epoch seconds of 2000..2100 read as milliseconds fall in January/February 1970: a unit mistake.
+SECONDS_AS_MILLIS = (946_684_800, 4_102_444_800)
 _PATH = re.compile(r"at `\$\.([A-Za-z0-9_]+)`")
 _MISSING = re.compile(r"missing required field `([A-Za-z0-9_]+)`")
 _BYTE = re.compile(r"\(byte (\d+)\)")
@@ -127,6 +129,12 @@ class EventDecoder:
         struct = msgspec.defstruct("Event", spec, kw_only=True)
         self._one = msgspec.json.Decoder(struct)
         self.text_columns = view.text_columns
+        self._changes: Any = None
+        if src.format == "debezium-json":  # Debezium change events as events (engine.cdc_decode)
+            from engine.cdc_decode import CdcDecoder
+
+            self._changes = CdcDecoder(src)
+            self._ops = frozenset(src.ops)
 
     def decode(self, values: list[bytes]) -> DecodedEvents:
         """Never raises: every message is either an event or a failure."""
@@ -139,6 +147,8 @@ class EventDecoder:
             return self._stitch([], [(0, Reason.UNDECODABLE, why[:_MAX_DETAIL])])
 
     def _decode(self, values: list[bytes]) -> DecodedEvents:
+        if self._changes is not None:
+            return self._decode_changes(values)
         # One decode per message (faster than joining them, and no message can bleed into
         # another). Failures of any kind stay with their message.
         failures: list[tuple[int, str, str]] = []
@@ -157,6 +167,15 @@ class EventDecoder:
             keep = [j for j in range(len(events)) if j not in bad]
             events = [events[j] for j in keep]
             index, ts = index[keep], ts[keep]
+        empty = {j: k for j, e in enumerate(events) for k in self.keys if getattr(e, k) == ""}
+        if empty:  # an empty key would pool unrelated events under one entity
+            failures.extend(
+                (int(index[j]), Reason.VALUE, f"{k}: the entity key is empty; send a non-empty {k}")
+                for j, k in empty.items()
+            )
+            keep = [j for j in range(len(events)) if j not in empty]
+            events = [events[j] for j in keep]
+            index, ts = index[keep], ts[keep]
         if len(self.keys) == 1:
             k = self.keys[0]
             entity = [str(getattr(e, k)) for e in events]
@@ -173,6 +192,47 @@ class EventDecoder:
                 cols.append(np.array(raw, dtype=np.float64))
         failures.sort()
         return DecodedEvents(index=index, entity=entity, ts=ts, columns=cols, failures=failures, text=text)
+
+    def _decode_changes(self, values: list[bytes]) -> DecodedEvents:
+        """Debezium changes whose op is selected, as events: fields from the row image (``before``
+        for a delete), ``op`` as a field, event time from ``source.ts_ms``."""
+        ch = self._changes.decode([None] * len(values), values, np.zeros(len(values), np.int64))
+        failures = list(ch.failures)
+        names = self._changes.names
+        required = [n for n in names if not self.fields[n].nullable]
+        kept, entity, ts, rows = [], [], [], []
+        for j, op in enumerate(ch.op):
+            if op not in self._ops:
+                continue
+            where = "before" if op == "d" else "after"
+            image = ch.before[j] if op == "d" else ch.after[j]
+            row = {"op": op} if image is None else {**dict(zip(names, image, strict=True)), "op": op}
+            gone = next((n for n in required if row.get(n) is None), None)
+            if image is None or gone is not None:
+                fix = "set REPLICA IDENTITY FULL on the table" if op == "d" else "send it in every row image"
+                subject = where if image is None else f"{where}.{gone}"
+                failures.append((int(ch.index[j]), Reason.MISSING, f"{subject}: is missing or null; {fix}"))
+                continue
+            kept.append(int(ch.index[j]))
+            ts.append(int(ch.ts[j]))
+            entity.append(entity_id([row[k] for k in self.keys]))
+            rows.append(row)
+        cols, text = [], {}
+        for c in self.columns:
+            raw = [r[c] for r in rows]
+            if c in self.text_columns:
+                text[c] = raw
+                cols.append(np.array([np.nan if v is None else 0.0 for v in raw], dtype=np.float64))
+            else:
+                cols.append(np.array([np.nan if v is None else v for v in raw], dtype=np.float64))
+        return DecodedEvents(
+            index=np.asarray(kept, dtype=np.int64),
+            entity=entity,
+            ts=np.asarray(ts, dtype=np.int64),
+            columns=cols,
+            failures=sorted(failures),
+            text=text,
+        )
 
     def _stitch(
         self, parts: list[DecodedEvents], failures: list[tuple[int, str, str]] | None = None
@@ -226,11 +286,32 @@ class EventDecoder:
             ts = np.array(out, dtype=np.int64)
         for j in np.flatnonzero((ts < 0) | (ts >= _MAX_TS_MS)).tolist():
             bad.setdefault(j, self._out_of_range(raw[j]))
+        if self.ts_format == "epoch_millis" and len(ts):
+            low, high = SECONDS_AS_MILLIS
+            for j in np.flatnonzero((ts >= low) & (ts < high)).tolist():
+                when = datetime.fromtimestamp(int(ts[j]), UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+                bad.setdefault(
+                    j,
+                    f"{self.ts_field}: {ts[j]} looks like epoch seconds ({when}), but the source's "
+                    "timestamp_format is epoch_millis; send milliseconds (seconds x 1000) or set "
+                    'timestamp_format="epoch_seconds"',
+                )
         return ts, bad
 
     def _out_of_range(self, value: Any) -> str:
+        hint = ""
+        if (
+            self.ts_format == "epoch_seconds"
+            and isinstance(value, int | float)
+            and not isinstance(value, bool)
+        ):
+            if SECONDS_AS_MILLIS[0] * 1000 <= value < _MAX_TS_MS:
+                hint = (
+                    " (it looks like epoch milliseconds: divide by 1000 or set "
+                    'timestamp_format="epoch_millis")'
+                )
         return (
-            f"{self.ts_field}: {_show(value)} is outside 1970..2100 as {self.ts_format}; "
+            f"{self.ts_field}: {_show(value)} is outside 1970..2100 as {self.ts_format}{hint}; "
             f"send {_TS_WANT[self.ts_format]}"
         )
 

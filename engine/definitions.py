@@ -78,7 +78,11 @@ class Entity(_Definition):
 class EventSource(_Definition):
     """A Kafka topic of JSON events with a declared schema.
 
-    Events that fail the schema go to ``dead_letter_topic`` with the reason.
+    Events that fail the schema go to ``dead_letter_topic`` with the reason. With
+    ``format="debezium-json"`` the topic holds Debezium change events and each change whose op is
+    in ``ops`` is one event: its fields come from the row image (``after``; ``before`` for a
+    delete), its time from ``source.ts_ms``, and a field named ``op`` (if declared, a str) holds
+    the op letter. This feeds windowed features of changes, e.g. orders created in the last day.
     """
 
     name: str
@@ -86,7 +90,8 @@ class EventSource(_Definition):
     timestamp_field: str
     timestamp_format: Literal["epoch_millis", "epoch_seconds", "iso8601"] = "epoch_millis"
     fields: tuple[Field, ...]
-    format: Literal["json"] = "json"
+    format: Literal["json", "debezium-json"] = "json"
+    ops: tuple[Literal["c", "u", "d", "r"], ...] = ("c", "u", "d", "r")
     dead_letter_topic: str | None = None
     description: str = ""
 
@@ -115,6 +120,16 @@ class EventSource(_Definition):
                 f"timestamp_field {self.timestamp_field!r} is also in fields; remove it from fields "
                 "(its type comes from timestamp_format)"
             )
+        if self.format == "debezium-json":
+            if self.timestamp_format != "epoch_millis":
+                raise ValueError("timestamp_format: Debezium's source.ts_ms is in epoch_millis; use that")
+            if not self.ops:
+                raise ValueError("ops: select at least one change op, e.g. ops=('c',) for inserts")
+            op = self.field("op")
+            if op is not None and op.dtype != "str":
+                raise ValueError("fields: 'op' holds the change's op letter; declare it with dtype='str'")
+        elif self.ops != ("c", "u", "d", "r"):
+            raise ValueError("ops: selects Debezium change ops; set format='debezium-json' or remove ops")
         return self
 
     @property
@@ -254,6 +269,7 @@ class FeatureView(_Definition):
             "source": {
                 "topic": self.source.topic,
                 "format": self.source.format,
+                **({"ops": sorted(self.source.ops)} if self.source.format == "debezium-json" else {}),
                 "timestamp_field": self.source.timestamp_field,
                 "timestamp_format": self.source.timestamp_format,
                 "fields": sorted(

@@ -34,6 +34,7 @@ from engine.definitions import FeatureView, duration_ms
 from engine.flow_io import STOP
 from engine.metrics import BATCH_LATENCY, FRESHNESS, STORE_WRITE_ERRORS, STORE_WRITE_SECONDS
 from engine.observe import HEALTH
+from engine.snapshots import snapshots_wanted
 from engine.state import TileUpdate
 from engine.tiles import TileLayout
 from engine.writer import STOP_GRACE_SECONDS, BackgroundWriter
@@ -212,8 +213,9 @@ class _OfflinePartition(StatefulSinkPartition[pa.Table, None]):
                 self.writer.submit([pa.concat_tables(tables)])
 
     def snapshot(self) -> None:
-        self.flush()
-        self.writer.drain()
+        if snapshots_wanted():  # else nothing depends on it: no stall on a Delta commit
+            self.flush()
+            self.writer.drain()
 
     def _tick(self) -> None:
         while not self.closed.wait(max(0.05, self.flush_seconds / 2)):
@@ -357,7 +359,8 @@ class _OnlinePartition(StatefulSinkPartition[TimedUpdate | TileUpdate, None]):
         self.writer.submit(items)
 
     def snapshot(self) -> None:
-        self.writer.drain()
+        if snapshots_wanted():
+            self.writer.drain()
 
     def close(self) -> None:
         self.writer.finish()

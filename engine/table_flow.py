@@ -51,6 +51,7 @@ from engine.sinks import (
     partition_key,
     shard_key,
 )
+from engine.snapshots import snapshots_wanted
 from engine.table_definitions import TableView
 from engine.table_state import EntityTables, Move, RowGuard, TableUpdate
 
@@ -213,7 +214,7 @@ class _ChangePartition(StatefulSourcePartition[ChangeBatch, dict]):
     def snapshot(self) -> dict:
         # The guard's values are immutable tuples: a shallow copy is a snapshot (skipped when
         # recovery is off, as Bytewax asks for snapshots anyway).
-        guard = dict(self.guard.rows) if _snapshots_needed() else None
+        guard = dict(self.guard.rows) if snapshots_wanted() else None
         return {"offset": self.reader.position, "topic_id": self.topic_id, "guard": guard}
 
     def close(self) -> None:
@@ -265,13 +266,6 @@ class CdcKafkaSource(FixedPartitionedSource[ChangeBatch, dict]):
         return _ChangePartition(self.view, reader, self.batch_size, self.poll, current, guard)
 
 
-def _snapshots_needed() -> bool:
-    """Whether this process runs with Bytewax recovery (see :func:`engine.dataflow.snapshots_needed`)."""
-    from engine import dataflow
-
-    return getattr(dataflow, "_SNAPSHOTS", {"needed": True})["needed"]
-
-
 def _shard(key: str, shards: int) -> int:
     return zlib.crc32(key.encode()) % shards
 
@@ -314,7 +308,7 @@ class _EntityLogic(StatefulBatchLogic[list[Move], TableUpdate, EntityTables]):
         return datetime.now(UTC) + timedelta(seconds=wait)
 
     def snapshot(self) -> EntityTables | None:
-        return copy.deepcopy(self.state) if _snapshots_needed() else None
+        return copy.deepcopy(self.state) if snapshots_wanted() else None
 
 
 class OnlineTableSink(FixedPartitionedSink[TableUpdate, None]):

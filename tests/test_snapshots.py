@@ -7,8 +7,8 @@ import sys
 import numpy as np
 import pytest
 
-from engine import dataflow
 from engine.dataflow import TileLogic, snapshots_needed
+from engine.snapshots import snapshots_wanted
 from engine.state import TileState
 from featurestream import runtime
 from tests.tiles_helpers import LAYOUT
@@ -53,4 +53,4 @@ def test_bytewax_run_without_recovery_skips_snapshots(monkeypatch, argv, env, ne
         monkeypatch.setenv(k, v)
     snapshots_needed(True)
     runtime._tell_recovery_from_bytewax_run()
-    assert dataflow._SNAPSHOTS["needed"] is needed
+    assert snapshots_wanted() is needed
