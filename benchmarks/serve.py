@@ -3,11 +3,15 @@
 A 50-feature view (5 windows x 10 aggregations) is computed into a private Redis from synthetic
 card transactions; `featurestream serve` (one process, API keys on, every decision audited)
 answers POST /features/online for 1 and for 100 random entities per request, from 1 and from 32
-keep-alive connections. The load generator is a minimal HTTP/1.1 client on uvloop in this
-process (the server runs in its own), so that the client's cost stays small next to the server's.
+keep-alive connections. Requests cycle over 2,000 (1 entity) or 300 (100 entities) random entity
+sets, so entities repeat and unchanged ones come from the server's cache of computed values; each
+line says how many did (`--no-cache` turns it off). The load generator is a minimal HTTP/1.1
+client on uvloop in this process (the server runs in its own), so that the client's cost stays
+small next to the server's; each line gives both processes' CPU use.
 
 ./run bench serve                        # 200k events, 10k entities, 5 s per case
 ./run bench serve --seconds 2 --no-auth  # quicker, without keys and audit
+./run bench serve --no-cache             # every entity recomputed (no reuse of unchanged values)
 
 Targets: p99 <= 2 ms (1 entity, concurrency 1), p99 <= 8 ms (100 entities, concurrency 1),
 >= 5,000 requests/s (1 entity, concurrency 32).
@@ -115,6 +119,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--entities", type=int, default=10_000)
     ap.add_argument("--seconds", type=float, default=5.0, help="measured time per case")
     ap.add_argument("--no-auth", action="store_true", help="serve without API keys (and audit)")
+    ap.add_argument("--no-cache", action="store_true", help="recompute every entity (--read-cache-mib 0)")
     args = ap.parse_args(argv)
     import uvloop
 
@@ -163,6 +168,8 @@ def main(argv: list[str] | None = None) -> int:
         cmd = [sys.executable, "-m", "featurestream.cli", "serve", str(pipeline), "--port", str(port)]
         if args.no_auth:
             cmd.append("--no-auth")
+        if args.no_cache:
+            cmd += ["--read-cache-mib", "0"]
         log = open(work / "server.log", "wb")
         server = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
         try:
@@ -180,7 +187,11 @@ def main(argv: list[str] | None = None) -> int:
                     for _ in range(2000 if n == 1 else 300)
                 ]
                 for conc in (1, 32):
+                    before = _server_stats(port)
+                    cpu0 = (_cpu(server.pid), _own_cpu())
                     lat, codes, elapsed = uvloop.run(_load(port, bodies, conc, args.seconds))
+                    cpu1 = (_cpu(server.pid), _own_cpu())
+                    after = _server_stats(port)
                     ms = np.asarray(lat) * 1e3
                     p50, p99, rps = np.percentile(ms, 50), np.percentile(ms, 99), len(ms) / elapsed
                     bad = {c: k for c, k in codes.items() if c != 200}
@@ -196,12 +207,48 @@ def main(argv: list[str] | None = None) -> int:
                         line += f"   target {what} {sign} {limit:,g}: {'met' if ok else 'MISSED'}"
                     if bad:
                         line += f"   non-200 answers: {bad}"
+                    busy = [(b - a) / elapsed for a, b in zip(cpu0, cpu1, strict=True)]
+                    line += f"   CPU: server {busy[0]:.0%}, load generator {busy[1]:.0%}"
+                    d = {k: after[k] - before[k] for k in after}
+                    if d["batches"]:
+                        hits = d["hit"] / max(d["hit"] + d["miss"], 1)
+                        per = d["requests"] / d["batches"]
+                        line += f"   ({per:.1f} requests per Redis read, {hits:.0%} of entities cached)"
                     print(line, flush=True)
         finally:
             server.terminate()
             server.wait(20)
             log.close()
     return 0
+
+
+def _cpu(pid: int) -> float:
+    """CPU seconds (user + system) a process has used so far (Linux /proc)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def _own_cpu() -> float:
+    t = os.times()
+    return t.user + t.system
+
+
+def _server_stats(port: int) -> dict[str, float]:
+    """Batches, batched requests and cache hits/misses so far, from the server's /metrics."""
+    import urllib.request
+
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as resp:
+        text = resp.read().decode()
+    out = {"batches": 0.0, "requests": 0.0, "hit": 0.0, "miss": 0.0}
+    for line in text.splitlines():
+        name, _, value = line.rpartition(" ")
+        if name == "featurestream_server_read_batch_requests_count":
+            out["batches"] = float(value)
+        elif name == "featurestream_server_read_batch_requests_sum":
+            out["requests"] = float(value)
+        elif name.startswith("featurestream_server_read_cache_total{"):
+            out["hit" if 'result="hit"' in name else "miss"] = float(value)
+    return out
 
 
 def _wait_ready(port: int, server: subprocess.Popen, log: Path) -> None:

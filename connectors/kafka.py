@@ -95,7 +95,8 @@ def _client(kind: Callable[[dict[str, Any]], _C], conf: dict[str, Any]) -> _C:
 
 def admin_client(bootstrap: str, extra: Mapping[str, Any] | None = None) -> AdminClient:
     """An admin client with ``extra`` settings (``kafka_config``)."""
-    return _client(AdminClient, {**(extra or {}), "bootstrap.servers": bootstrap})
+    # log_level 5: no info lines (a client destroyed with a queued result logs "BGQUEUE Purging").
+    return _client(AdminClient, {"log_level": 5, **(extra or {}), "bootstrap.servers": bootstrap})
 
 
 def make_producer(

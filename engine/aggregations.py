@@ -1,5 +1,5 @@
-"""Aggregation definitions: the :class:`Aggregation` itself, its :class:`Window` and its
-:class:`DriftThresholds`."""
+"""Aggregation definitions: the :class:`Aggregation` itself, its :class:`Window`, its
+:class:`DriftThresholds`, and :class:`Derived` features computed from a view's aggregations."""
 
 from __future__ import annotations
 
@@ -11,10 +11,11 @@ from pydantic import field_validator, model_validator
 
 from engine._model import _check_name, _Definition
 from engine.durations import format_duration, parse_duration
+from engine.expressions import Expression, ExpressionError, parse_expression
 
-__all__ = ["FUNCTIONS", "Aggregation", "DriftThresholds", "Window"]
+__all__ = ["FUNCTIONS", "Aggregation", "Derived", "DriftThresholds", "Window"]
 
-FUNCTIONS = ("count", "sum", "mean", "min", "max", "last", "stddev")
+FUNCTIONS = ("count", "sum", "mean", "min", "max", "last", "stddev", "variance")
 
 
 class Window(_Definition):
@@ -99,7 +100,7 @@ class DriftThresholds(_Definition):
 class Aggregation(_Definition):
     """One feature: ``function`` of ``column`` over ``window``. ``count`` without a column counts events."""
 
-    function: Literal["count", "sum", "mean", "min", "max", "last", "stddev"]
+    function: Literal["count", "sum", "mean", "min", "max", "last", "stddev", "variance"]
     column: str | None = None
     window: Window
     name: str | None = None
@@ -126,3 +127,46 @@ class Aggregation(_Definition):
             return self.name
         col = self.column or "events"
         return f"{col}_{self.function}_{self.window.label}"
+
+
+class Derived(_Definition):
+    """A feature computed from other features of the same view, e.g. ``amount_sum_1h / events_count_1h``.
+
+    ``expression`` uses numbers, feature names (aggregations or other derived features of the
+    view), ``+ - * /`` and parentheses. It is evaluated on the finalised values, online and
+    offline alike, so both agree. A null input, a division by zero or a non-finite result gives
+    a null. The value is a float (also when every input is a count).
+    """
+
+    name: str
+    expression: str
+    drift: DriftThresholds = DriftThresholds()
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, v: str) -> str:
+        return _check_name(v)
+
+    @field_validator("expression")
+    @classmethod
+    def _expression(cls, v: str) -> str:
+        try:
+            parsed = parse_expression(v)
+        except ExpressionError as exc:
+            raise ValueError(f"{exc}") from None
+        if not parsed.names:
+            raise ValueError("reads no feature; use feature names, e.g. 'amount_sum_1h / events_count_1h'")
+        return v
+
+    @cached_property
+    def parsed(self) -> Expression:
+        return parse_expression(self.expression)
+
+    @property
+    def feature_name(self) -> str:
+        return self.name
+
+    @property
+    def inputs(self) -> tuple[str, ...]:
+        """The feature names the expression reads."""
+        return self.parsed.names

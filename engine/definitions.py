@@ -18,12 +18,13 @@ from typing import Any, Literal
 from pydantic import field_validator, model_validator
 
 from engine._model import _check_name, _Definition
-from engine.aggregations import FUNCTIONS, Aggregation, DriftThresholds, Window  # noqa: F401 (re-exported)
+from engine.aggregations import FUNCTIONS, Aggregation, Derived, DriftThresholds, Window  # noqa: F401 (re-exported)
 from engine.durations import duration_ms, format_duration, parse_duration
 from engine.errors import DefinitionError
 
 __all__ = [
     "Aggregation",
+    "Derived",
     "DriftThresholds",
     "Entity",
     "EventSource",
@@ -93,6 +94,7 @@ class EventSource(_Definition):
     format: Literal["json", "debezium-json"] = "json"
     ops: tuple[Literal["c", "u", "d", "r"], ...] = ("c", "u", "d", "r")
     dead_letter_topic: str | None = None
+    dedup_key: str | None = None
     description: str = ""
 
     @field_validator("name")
@@ -130,6 +132,18 @@ class EventSource(_Definition):
                 raise ValueError("fields: 'op' holds the change's op letter; declare it with dtype='str'")
         elif self.ops != ("c", "u", "d", "r"):
             raise ValueError("ops: selects Debezium change ops; set format='debezium-json' or remove ops")
+        if self.dedup_key is not None:
+            key = self.field(self.dedup_key)
+            if key is None or key.dtype not in ("str", "int") or key.nullable:
+                raise ValueError(
+                    f"dedup_key: {self.dedup_key!r} must name a non-nullable str or int field of the "
+                    f"source; declare Field(name={self.dedup_key!r}, dtype='str') or fix the name"
+                )
+            if self.format == "debezium-json":
+                raise ValueError(
+                    "dedup_key: Debezium change events have no event id to deduplicate on; remove "
+                    "dedup_key (use a TableView over a CdcSource, which orders changes per key)"
+                )
         return self
 
     @property
@@ -151,6 +165,7 @@ class FeatureView(_Definition):
     entity: Entity
     source: EventSource
     aggregations: tuple[Aggregation, ...]
+    derived: tuple[Derived, ...] = ()
     tile_size: timedelta = timedelta(minutes=1)
     allowed_lateness: timedelta = timedelta(minutes=5)
     ttl: timedelta | None = None
@@ -219,6 +234,7 @@ class FeatureView(_Definition):
                     f"{MAX_TILES_PER_WINDOW} tiles of {format_duration(self.tile_size)}; "
                     f"use a coarser tile_size"
                 )
+        _check_derived(names, self.derived)
         if self.ttl is not None and self.ttl < self.max_lookback:
             raise ValueError(
                 f"ttl {format_duration(self.ttl)} is shorter than the longest window lookback "
@@ -250,11 +266,16 @@ class FeatureView(_Definition):
         return tuple(seen)
 
     @property
-    def feature_names(self) -> tuple[str, ...]:
-        return tuple(a.feature_name for a in self.aggregations)
+    def features(self) -> tuple[Aggregation | Derived, ...]:
+        """Every feature: the aggregations, then the derived features."""
+        return (*self.aggregations, *self.derived)
 
-    def aggregation(self, feature: str) -> Aggregation:
-        for a in self.aggregations:
+    @property
+    def feature_names(self) -> tuple[str, ...]:
+        return tuple(a.feature_name for a in self.features)
+
+    def aggregation(self, feature: str) -> Aggregation | Derived:
+        for a in self.features:
             if a.feature_name == feature:
                 return a
         raise DefinitionError(
@@ -291,9 +312,49 @@ class FeatureView(_Definition):
             ],
             "tile_ms": duration_ms(self.tile_size),
             "allowed_lateness_ms": duration_ms(self.allowed_lateness),
+            # Only when set, so the versions of views without them stay as they were.
+            **({"dedup_key": self.source.dedup_key} if self.source.dedup_key else {}),
+            **({"derived": [[d.name, d.expression] for d in self.derived]} if self.derived else {}),
         }
 
     @cached_property
     def version(self) -> str:
         blob = json.dumps(self.canonical(), sort_keys=True, separators=(",", ":"))
         return hashlib.sha256(blob.encode()).hexdigest()[:12]
+
+
+def _check_derived(aggregated: list[str], derived: tuple[Derived, ...]) -> None:
+    """Derived names are new, their inputs exist, and no derived feature depends on itself."""
+    known = set(aggregated)
+    by_name = {d.name: d for d in derived}
+    for i, d in enumerate(derived):
+        where = f"derived.{i} ({d.name})"
+        if d.name in known:
+            raise ValueError(f"{where}: the name {d.name!r} is already a feature of the view; rename it")
+        known.add(d.name)
+    for i, d in enumerate(derived):
+        unknown = [n for n in d.inputs if n not in known]
+        if unknown:
+            raise ValueError(
+                f"derived.{i} ({d.name}): expression names {unknown}, which are not features of the "
+                f"view; use one of {sorted(known)} or add the aggregation"
+            )
+    state: dict[str, int] = {}  # 1: being visited, 2: done
+
+    def visit(name: str, path: list[str]) -> None:
+        if state.get(name) == 2 or name not in by_name:
+            return
+        if state.get(name) == 1:
+            cycle = [*path[path.index(name) :], name]
+            i = list(by_name).index(name)
+            raise ValueError(
+                f"derived.{i} ({name}): expressions form a cycle {' -> '.join(cycle)}; "
+                "make one of them use aggregations only"
+            )
+        state[name] = 1
+        for n in by_name[name].inputs:
+            visit(n, [*path, name])
+        state[name] = 2
+
+    for d in derived:
+        visit(d.name, [])

@@ -5,10 +5,20 @@ events), so Bytewax's per-item cost is paid per batch. Its snapshot is the next 
 partition's newest event time and the topic's id, so after recovery it resumes at the same
 position with the same watermark, and a recreated topic (new id, or an end below the position)
 stops the worker instead of being read from a position that means nothing there.
+
+Lateness is judged here, per source partition, and nothing downstream waits for a watermark: a
+read combines tiles as of the read time and Delta keeps accepted events, so an idle partition
+holds nothing back (no window waits to close) and needs no idle timeout.
+
+With the source's ``dedup_key``, each partition also remembers the ids of the events it accepted
+whose event time lies within ``allowed_lateness`` plus one tile of its newest event time (in its
+snapshot too). A redelivered id in that span is dropped (counted in
+``featurestream_duplicates_total``) before both sinks; an older one is late anyway.
 """
 
 from __future__ import annotations
 
+import heapq
 import threading
 import time
 from collections.abc import Mapping
@@ -16,6 +26,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
+import msgspec
 import numpy as np
 import pyarrow as pa
 from bytewax.inputs import FixedPartitionedSource, StatefulSourcePartition
@@ -27,6 +38,7 @@ from engine.definitions import FeatureView, duration_ms, format_duration
 from engine.metrics import (
     CONSUMER_LAG,
     DEAD_LETTERS,
+    DUPLICATES,
     EVENTS_ACCEPTED,
     EVENTS_IN,
     LATE_EVENTS,
@@ -84,6 +96,50 @@ class SourceBatch:
         )
 
 
+class RecentIds:
+    """Ids of accepted events of one source partition, each kept while its event time is at most
+    ``span_ms`` behind the partition's newest event time.
+
+    Memory: one entry per accepted event of that span (about 135 bytes plus the id), bounded by
+    the partition's event rate times ``allowed_lateness`` plus one tile. Scope: one partition, so
+    a copy of an event sent to another partition (another key, a changed partition count) is not
+    caught.
+    """
+
+    def __init__(self, span_ms: float, entries: list[tuple[Any, float]] | None = None) -> None:
+        self.span_ms = span_ms
+        self.times: dict[Any, float] = {}
+        self.queue: list[tuple[float, Any]] = []
+        for key, t in entries or []:
+            self.times[key] = t
+            self.queue.append((t, key))
+        heapq.heapify(self.queue)
+
+    def duplicates(self, ids: list[Any], ts: np.ndarray, late: np.ndarray) -> np.ndarray:
+        """Which events repeat an id seen before (in earlier batches or earlier in this one);
+        the others, unless late, are remembered."""
+        dup = np.zeros(len(ids), dtype=bool)
+        times, queue = self.times, self.queue
+        for j, (key, t, is_late) in enumerate(zip(ids, ts.tolist(), late.tolist(), strict=True)):
+            if key in times:
+                dup[j] = True
+            elif not is_late:
+                times[key] = t
+                heapq.heappush(queue, (t, key))
+        return dup
+
+    def forget_before(self, newest_ts: float) -> None:
+        horizon = newest_ts - self.span_ms
+        times, queue = self.times, self.queue
+        while queue and queue[0][0] < horizon:
+            t, key = heapq.heappop(queue)
+            if times.get(key) == t:
+                del times[key]
+
+    def snapshot(self) -> list[tuple[Any, float]]:
+        return list(self.times.items())
+
+
 class _DecodingPartition(StatefulSourcePartition[SourceBatch, dict]):
     def __init__(
         self,
@@ -93,6 +149,7 @@ class _DecodingPartition(StatefulSourcePartition[SourceBatch, dict]):
         batch_size: int,
         poll_timeout: float,
         topic_id: str | None = None,
+        recent_ids: list[tuple[Any, float]] | None = None,
     ) -> None:
         self.view = view
         self.reader = reader
@@ -110,6 +167,14 @@ class _DecodingPartition(StatefulSourcePartition[SourceBatch, dict]):
         self._late = LATE_EVENTS.labels(view=view.name)
         self._lag = CONSUMER_LAG.labels(**labels)
         self._key = (view.name, reader.topic, reader.partition)
+        self.recent: RecentIds | None = None
+        key = view.source.dedup_key
+        if key is not None:
+            span = self.lateness + duration_ms(view.tile_size)
+            self.recent = RecentIds(span, recent_ids)
+            kind: Any = int if view.source.field(key).dtype == "int" else str  # type: ignore[union-attr]
+            self._ids = msgspec.json.Decoder(msgspec.defstruct("EventId", [(key, kind)]))
+            self._dups = DUPLICATES.labels(view=view.name)
         HEALTH.source_polled(*self._key)
 
     def next_batch(self) -> list[SourceBatch]:
@@ -137,6 +202,10 @@ class _DecodingPartition(StatefulSourcePartition[SourceBatch, dict]):
             seen = np.maximum.accumulate(np.concatenate(([self.max_ts], ts.astype(np.float64))))
             late = ts < seen[:-1] - self.lateness
             self.max_ts = float(seen[-1])
+            dup = None
+            if self.recent is not None:
+                dup = self._duplicates(raw.values, dec.index, ts, late)
+                late &= ~dup
             if late.any():
                 self._late.inc(int(late.sum()))
                 lag = format_duration(self.view.allowed_lateness)
@@ -157,6 +226,9 @@ class _DecodingPartition(StatefulSourcePartition[SourceBatch, dict]):
                         )
                     )
                 keep = ~late
+            if dup is not None and dup.any():
+                self._dups.inc(int(dup.sum()))
+                keep = ~(late | dup)
         entity, columns, index, text = dec.entity, dec.columns, dec.index, dec.text
         if keep is not None:
             ts, index = ts[keep], index[keep]
@@ -188,12 +260,27 @@ class _DecodingPartition(StatefulSourcePartition[SourceBatch, dict]):
             )
         ]
 
+    def _duplicates(
+        self, values: list[bytes], index: np.ndarray, ts: np.ndarray, late: np.ndarray
+    ) -> np.ndarray:
+        """Events whose dedup_key repeats a recently accepted one (a duplicate is never late:
+        it is dropped, not dead-lettered)."""
+        assert self.recent is not None
+        field = self.view.source.dedup_key
+        ids = [getattr(self._ids.decode(values[i]), field) for i in index.tolist()]  # type: ignore[arg-type]
+        dup = self.recent.duplicates(ids, ts, late)
+        self.recent.forget_before(self.max_ts)
+        return dup
+
     def next_awake(self) -> datetime | None:
         """After an empty read, poll again in ``poll_timeout`` seconds; else at once."""
         return self._awake
 
     def snapshot(self) -> dict:
-        return {"offset": self.reader.position, "max_ts": self.max_ts, "topic_id": self.topic_id}
+        state = {"offset": self.reader.position, "max_ts": self.max_ts, "topic_id": self.topic_id}
+        if self.recent is not None:
+            state["recent_ids"] = self.recent.snapshot()
+        return state
 
     def close(self) -> None:
         HEALTH.source_closed(*self._key)
@@ -268,4 +355,5 @@ class DecodingKafkaSource(FixedPartitionedSource[SourceBatch, dict]):
             self.batch_size,
             self.poll_timeout,
             topic_id=current,
+            recent_ids=state.get("recent_ids"),
         )

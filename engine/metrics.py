@@ -14,6 +14,7 @@ __all__ = [
     "DEAD_LETTERS",
     "DRIFT_KS",
     "DRIFT_PSI",
+    "DUPLICATES",
     "EVENTS_ACCEPTED",
     "EVENTS_IN",
     "FRESHNESS",
@@ -41,6 +42,11 @@ DEAD_LETTERS = Counter(
 LATE_EVENTS = Counter(
     "featurestream_late_events",
     "Events older than the watermark (also counted as dead letters with reason=late)",
+    ["view"],
+)
+DUPLICATES = Counter(
+    "featurestream_duplicates",
+    "Redelivered events dropped by the source's dedup_key (an id already accepted recently)",
     ["view"],
 )
 WATERMARK = Gauge(

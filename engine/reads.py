@@ -7,15 +7,20 @@ which is why online and offline values agree.
 Online, the newest tile is taken whole, which is exact whenever the read time is at or after the
 entity's newest event (reads "as of now"). Offline, the newest tile holds only events up to each
 row's time, so a training row never sees a later event.
+
+Derived features are evaluated last, on the finalised values of the features they read, by the
+same function online and offline (:func:`_with_derived`).
 """
 
 from __future__ import annotations
+
+from collections.abc import Callable
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from engine.definitions import Aggregation, FeatureView, duration_ms
+from engine.definitions import Aggregation, Derived, FeatureView, duration_ms
 from engine.errors import StoreError
 from engine.tiles import (
     TILE,
@@ -43,10 +48,53 @@ def _by_window(aggs: list[Aggregation]) -> dict[tuple, list[Aggregation]]:
     return groups
 
 
+def _with_derived(
+    view: FeatureView,
+    wanted: list[Aggregation | Derived],
+    compute: Callable[[list[Aggregation]], FeatureValues],
+) -> FeatureValues:
+    """``compute(aggregations)`` for the aggregations ``wanted`` needs (its own and those its
+    derived features read, transitively), then each derived feature from finalised values.
+
+    A derived value's event time is the newest of its inputs' (NaN when all are empty).
+    """
+    derived = [f for f in wanted if isinstance(f, Derived)]
+    if not derived:
+        return compute(wanted)
+    needed: dict[str, Aggregation | Derived] = {}
+
+    def need(f: Aggregation | Derived) -> None:
+        if f.feature_name in needed:
+            return
+        if isinstance(f, Derived):
+            for name in f.inputs:
+                need(view.aggregation(name))
+        needed[f.feature_name] = f  # after its inputs: a topological order
+
+    for f in wanted:
+        need(f)
+    values = compute([f for f in needed.values() if isinstance(f, Aggregation)])
+    for f in needed.values():
+        if isinstance(f, Derived):
+            inputs = {n: values[n][0] for n in f.inputs}
+            times = [values[n][1] for n in f.inputs]
+            with np.errstate(invalid="ignore"):
+                newest = np.fmax.reduce(times) if len(times) > 1 else times[0].copy()
+            values[f.name] = (f.parsed.evaluate(inputs, len(newest)), newest)
+    names = {f.feature_name for f in wanted}
+    return {k: v for k, v in values.items() if k in names}
+
+
 def online_values(
-    view: FeatureView, blobs: list[bytes], at_ms: int, aggs: list[Aggregation]
+    view: FeatureView, blobs: list[bytes], at_ms: int, aggs: list[Aggregation | Derived]
 ) -> FeatureValues:
     """Values for each entity whose packed tiles are ``blobs[i]``, as of ``at_ms``."""
+    return _with_derived(view, aggs, lambda a: _online_values(view, blobs, at_ms, a))
+
+
+def _online_values(
+    view: FeatureView, blobs: list[bytes], at_ms: int, aggs: list[Aggregation]
+) -> FeatureValues:
     layout = TileLayout.of(view)
     n = len(blobs)
     counts = np.fromiter((len(b) // layout.row_bytes for b in blobs), np.int64, n)
@@ -85,9 +133,19 @@ def point_in_time_values(
     events: pa.Table,
     entity: list[str],
     at_ms: np.ndarray,
-    aggs: list[Aggregation],
+    aggs: list[Aggregation | Derived],
 ) -> FeatureValues:
     """Values for each (``entity[i]``, ``at_ms[i]``) from stored events, using only events up to it."""
+    return _with_derived(view, aggs, lambda a: _point_in_time_values(view, events, entity, at_ms, a))
+
+
+def _point_in_time_values(
+    view: FeatureView,
+    events: pa.Table,
+    entity: list[str],
+    at_ms: np.ndarray,
+    aggs: list[Aggregation],
+) -> FeatureValues:
     layout = TileLayout.of(view)
     q = len(entity)
     events = events.sort_by(

@@ -213,9 +213,11 @@ class _OfflinePartition(StatefulSinkPartition[pa.Table, None]):
                 self.writer.submit([pa.concat_tables(tables)])
 
     def snapshot(self) -> None:
-        if snapshots_wanted():  # else nothing depends on it: no stall on a Delta commit
+        if snapshots_wanted():
             self.flush()
             self.writer.drain()
+        else:  # nothing depends on the epoch: no stall on a Delta commit, but a failure still stops
+            self.writer.check()
 
     def _tick(self) -> None:
         while not self.closed.wait(max(0.05, self.flush_seconds / 2)):
@@ -361,6 +363,8 @@ class _OnlinePartition(StatefulSinkPartition[TimedUpdate | TileUpdate, None]):
     def snapshot(self) -> None:
         if snapshots_wanted():
             self.writer.drain()
+        else:
+            self.writer.check()
 
     def close(self) -> None:
         self.writer.finish()

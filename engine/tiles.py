@@ -184,7 +184,8 @@ def combine(layout: TileLayout, rows: np.ndarray, group: np.ndarray, n_groups: i
 def finalize(layout: TileLayout, partial: np.ndarray, agg: Aggregation) -> np.ndarray:
     """Feature values from combined partials; NaN means null (no data in the window).
 
-    ``count`` and ``sum`` of an empty window are 0; the others are null.
+    ``count`` and ``sum`` of an empty window are 0; the others are null. ``stddev`` and
+    ``variance`` are the sample ones (divided by n - 1), null for fewer than two values.
     """
     if agg.function == "count" and agg.column is None:
         return partial[:, N].copy()
@@ -204,9 +205,11 @@ def finalize(layout: TileLayout, partial: np.ndarray, agg: Aggregation) -> np.nd
                 return partial[:, o + MAX].copy()
             case "last":
                 return partial[:, o + LAST].copy()
-            case "stddev":
+            case "stddev" | "variance":
+                # Sample statistics (n - 1): undefined, so null, for fewer than two values.
                 var = np.maximum(partial[:, o + M2], 0.0) / (cnt - 1)
-                return np.where(cnt > 1, np.sqrt(var), np.nan)
+                var = np.where(cnt > 1, var, np.nan)
+                return np.sqrt(var) if agg.function == "stddev" else var
     raise AssertionError(agg.function)
 
 

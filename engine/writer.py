@@ -163,6 +163,10 @@ class BackgroundWriter(Generic[T]):
                 pass
         return False
 
+    def check(self) -> None:
+        """Raise the error that stopped the writer, if any, without waiting for anything."""
+        self._raise()
+
     def drain(self) -> None:
         """Block until everything submitted so far is written (or the writer stopped)."""
         self._queue.join()

@@ -7,6 +7,7 @@ with :class:`Producer`.
 
 from engine.definitions import (
     Aggregation,
+    Derived,
     DriftThresholds,
     Entity,
     EventSource,
@@ -15,7 +16,8 @@ from engine.definitions import (
     Window,
 )
 from engine.errors import DefinitionError, FeaturestreamError, ServiceUnavailable, StoreError
-from featurestream.client import FeatureStore, OnlineFeatures
+from engine.table_definitions import CdcSource, TableFeature, TableView
+from featurestream.client import FeatureStore, OnlineFeatures, connect, training_set_id
 from featurestream.config import Settings
 from featurestream.producer import InvalidEvent, Producer
 
@@ -29,7 +31,9 @@ def open_registry(settings: Settings | None = None):
 
 __all__ = [
     "Aggregation",
+    "CdcSource",
     "DefinitionError",
+    "Derived",
     "DriftThresholds",
     "Entity",
     "EventSource",
@@ -43,6 +47,10 @@ __all__ = [
     "ServiceUnavailable",
     "Settings",
     "StoreError",
+    "TableFeature",
+    "TableView",
     "Window",
+    "connect",
     "open_registry",
+    "training_set_id",
 ]

@@ -1,16 +1,25 @@
-"""The ``featurestream`` command line. Settings come from FEATURESTREAM_* environment variables."""
+"""Stream Kafka events into windowed ML features, served from Redis and Delta Lake.
+
+Settings come from FEATURESTREAM_* environment variables, else from featurestream.toml in the
+working directory (FEATURESTREAM_CONFIG names another file). `featurestream doctor` checks them.
+"""
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import os
+import time
+from collections.abc import Iterator
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
+from typer.core import TyperArgument, TyperGroup, TyperOption
+from typer.exceptions import TyperException
 
 from engine.errors import FeaturestreamError
 
@@ -18,10 +27,69 @@ if TYPE_CHECKING:
     from engine.dataflow import RuntimeConfig
     from engine.definitions import FeatureView
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__)
+_DEBUG = {"on": bool(os.environ.get("FEATURESTREAM_DEBUG"))}
+
+
+class _Commands(TyperGroup):
+    """Every command's errors as one or two lines, never a traceback (``--debug`` shows it);
+    help without internal placeholders."""
+
+    def invoke(self, ctx: typer.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except (TyperException, typer.Exit, typer.Abort, KeyboardInterrupt):
+            raise
+        except Exception as exc:
+            if _DEBUG["on"]:
+                raise
+            ours = _ours(exc)
+            if ours is not None:
+                raise _fail(ours) from None
+            console.print("(run `featurestream --debug ...` for the traceback)")
+            raise _fail(exc, code=1) from None
+
+    def get_command(self, ctx: typer.Context, cmd_name: str) -> Any:
+        command = super().get_command(ctx, cmd_name)
+        if command is not None:
+            _tidy(command)
+        return command
+
+
+def _tidy(command: Any) -> None:
+    """Plain metavars (PIPELINE, N, PATH) instead of ``{pipeline}`` and ``<bool>``."""
+    for param in command.params:
+        if isinstance(param, TyperArgument):
+            if param.metavar is None and param.name:
+                dots = "..." if param.nargs != 1 else ""
+                shown = param.name.upper() + dots if param.required else f"[{param.name.upper()}]{dots}"
+                param.metavar = shown
+                param._usage_display_name = lambda shown=shown: shown  # typer braces required ones
+            param.display_type_rich = lambda ctx: None  # the name says it: no <path>, <str>
+        elif isinstance(param, TyperOption) and param.metavar is None:
+            if param.is_flag:
+                param.metavar = ""
+            else:
+                kind = param.bare_type().lower()
+                param.metavar = (
+                    "N" if "int" in kind else "X" if "float" in kind else "PATH" if "path" in kind else "TEXT"
+                )
+    for sub in getattr(command, "commands", {}).values():
+        _tidy(sub)
+
+
+app = typer.Typer(
+    cls=_Commands, add_completion=False, no_args_is_help=True, help=__doc__, rich_markup_mode=None
+)
 services_app = typer.Typer(no_args_is_help=True, help="Embedded Kafka (Tansu) and Redis for local use.")
 app.add_typer(services_app, name="services")
 console = Console()
+
+
+@app.callback()
+def _options(
+    debug: Annotated[bool, typer.Option("--debug", help="show the traceback of an error")] = False,
+) -> None:
+    _DEBUG["on"] = _DEBUG["on"] or debug
 
 
 def _fail(exc: Exception, code: int = 2) -> typer.Exit:
@@ -79,6 +147,7 @@ def run(
     try:
         settings = Settings(bounded=bounded) if bounded else Settings()
         views = served_views(load_views(pipeline), settings)
+        _note_embedded_start(settings)
         runtime = runtime_config(settings)
         prepare_topics(views, runtime)
         console.print(
@@ -94,10 +163,13 @@ def run(
                 console.print(
                     f"metrics: http://localhost:{port}/metrics, health: http://localhost:{port}/healthz"
                 )
+            started = time.monotonic()
             try:
-                run_dataflow(
-                    flow, workers=workers, recovery_dir=recovery_dir, snapshot_seconds=snapshot_seconds
-                )
+                with _progress(views, runtime) if bounded else _nothing():
+                    run_dataflow(
+                        flow, workers=workers, recovery_dir=recovery_dir, snapshot_seconds=snapshot_seconds
+                    )
+                _print_run_summary(views, time.monotonic() - started)
             except Exception as exc:  # Bytewax wraps errors raised inside the dataflow
                 cause = _ours(exc)
                 if cause is None:
@@ -122,6 +194,77 @@ def run(
         raise
     except Exception as exc:  # not one of ours: still say why the worker exits, without secrets
         raise _fail(exc, code=1) from None
+
+
+def _note_embedded_start(settings: Any) -> None:
+    """Say so when a command is about to start embedded services (they outlive it)."""
+    from featurestream.services import embedded_status
+
+    if settings.kafka_bootstrap_servers is not None and settings.redis_url is not None:
+        return
+    status = embedded_status(settings)
+    wanted = [
+        k
+        for k, v in (("kafka", settings.kafka_bootstrap_servers), ("redis", settings.redis_url))
+        if v is None
+    ]
+    if all(status.get(k, {}).get("answers") for k in wanted):
+        return
+    names = " and ".join({"kafka": "broker", "redis": "Redis"}[k] for k in wanted)
+    console.print(
+        f"starting the embedded {names} (state dir {settings.state_dir}); they keep running "
+        "for later commands: `featurestream services down` stops them",
+        soft_wrap=True,
+    )
+
+
+@contextlib.contextmanager
+def _nothing() -> Iterator[None]:
+    yield
+
+
+@contextlib.contextmanager
+def _progress(views: list[FeatureView], runtime: RuntimeConfig) -> Iterator[None]:
+    """A progress bar of a bounded run: events read of those in the topics at start (on a
+    terminal; a run resumed from recovery ends before the bar is full)."""
+    import threading
+
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from connectors.kafka import partition_count, partition_end
+    from engine.metrics import EVENTS_IN, total
+
+    if not console.is_terminal:
+        yield
+        return
+    expected = 0
+    for view in views:
+        topic, config = view.source.topic, runtime.kafka_config
+        for p in range(partition_count(runtime.kafka_bootstrap_servers, topic, config=config)):
+            low, high = partition_end(runtime.kafka_bootstrap_servers, topic, p, 0, config)
+            expected += max(0, high - low)
+    done = threading.Event()
+    columns = (TextColumn("events"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
+    with Progress(*columns, console=console, transient=True) as bar:
+        task = bar.add_task("events", total=expected)
+
+        def follow() -> None:
+            while not done.wait(0.2):
+                seen = sum(total(EVENTS_IN, view=v.name) for v in views)
+                bar.update(task, completed=seen, total=max(expected, seen))
+
+        threading.Thread(target=follow, daemon=True).start()
+        try:
+            yield
+        finally:
+            done.set()
+
+
+def _print_run_summary(views: list[FeatureView], seconds: float) -> None:
+    from featurestream.runtime import run_summary
+
+    for line in run_summary(views, seconds):
+        console.print(line, soft_wrap=True)
 
 
 def _run_processes(
@@ -196,24 +339,41 @@ def reset(
 def online(
     pipeline: Annotated[Path, typer.Argument(help="pipeline file defining the feature views")],
     entities: Annotated[list[str], typer.Argument(help="entity keys to read")],
-    feature: Annotated[list[str] | None, typer.Option("--feature", "-f", help="view or view:feature")] = None,
+    feature: Annotated[
+        list[str] | None,
+        typer.Option("--feature", "-f", help="view, view:feature or view@N:feature (a registered version)"),
+    ] = None,
 ) -> None:
-    """Print online feature values (as of now) for some entities."""
-    from featurestream.runtime import feature_store, load_views
+    """Print online feature values (as of now) for some entities.
 
-    try:
-        views = load_views(pipeline)
-        store = feature_store(*views)
-        result = store.get_online_features(feature or [v.name for v in views], entities)
-    except FeaturestreamError as exc:
-        raise _fail(exc) from None
-    table = Table()
-    table.add_column("feature")
+    Reads the configured Redis, or the embedded one `featurestream services up` started; starts
+    nothing."""
+    from featurestream.client import connect
+
+    store = connect(pipeline)
+    result = store.get_online_features(feature or list(store.views), entities)
+    table = Table(title=f"online features as of now ({len(entities)} entities)")
+    table.add_column("feature", overflow="fold")
     for e in entities:
-        table.add_column(e, justify="right")
+        table.add_column(e, justify="right", overflow="fold")
     for name, vals in result.values.items():
-        table.add_row(name, *["-" if v is None else f"{v:,.4g}" for v in vals])
+        table.add_row(name, *[_value(v) for v in vals])
     console.print(table)
+
+
+def _value(v: object) -> str:
+    """A feature value as it is: counts as integers, other numbers with their decimals (money
+    keeps two), never rounded to a few significant digits."""
+    if v is None:
+        return "-"
+    if isinstance(v, bool) or not isinstance(v, int | float):
+        return escape(str(v))
+    if isinstance(v, int) or (v.is_integer() and abs(v) < 1e15):
+        return f"{int(v):,}"
+    if abs(v - round(v, 2)) <= 1e-9 * max(1.0, abs(v)):
+        return f"{v:,.2f}"
+    text = f"{v:,.6f}".rstrip("0")
+    return text if not text.endswith(".") else text + "0"
 
 
 @services_app.command("up")
@@ -253,15 +413,43 @@ def services_down() -> None:
 
 @services_app.command("status")
 def services_status() -> None:
-    """Show the embedded services and whether they answer."""
+    """Show the broker and Redis in use: configured ones, or the embedded ones and whether they answer."""
+    from engine.redact import redact_text
     from featurestream.config import Settings
     from featurestream.services import embedded_status
 
-    for kind, info in embedded_status(Settings()).items():
-        console.print(f"{kind}: {info}")
+    settings = Settings()
+    found = embedded_status(settings)
+    configured = {
+        "kafka": ("FEATURESTREAM_KAFKA_BOOTSTRAP_SERVERS", settings.kafka_bootstrap_servers),
+        "redis": ("FEATURESTREAM_REDIS_URL", settings.redis_url),
+    }
+    for kind, (env, value) in configured.items():
+        if value is not None:
+            console.print(
+                f"{kind}: configured, {env}={redact_text(value)} (`featurestream doctor` checks it)",
+                soft_wrap=True,
+            )
+        elif kind not in found:
+            console.print(
+                f"{kind}: not running (embedded, state dir {settings.state_dir.resolve()})", soft_wrap=True
+            )
+    for kind, info in found.items():
+        state = (
+            "answers" if info["answers"] else "running but not answering" if info["running"] else "stopped"
+        )
+        console.print(f"{kind}: {info['address']} {state} (embedded, pid {info['pid']})", soft_wrap=True)
+        if kind == "kafka":
+            console.print(
+                f"  storage {info.get('storage')}, generation {info.get('generation')}", soft_wrap=True
+            )
+        console.print(f"  log {info['log']}", soft_wrap=True)
+    if not found or not all(info["answers"] for info in found.values()):
+        if any(value is None for _, value in configured.values()):
+            console.print("start the embedded services with `featurestream services up`", soft_wrap=True)
 
 
-for _area in ("registry", "lineage", "drift", "produce", "serve", "keys"):
+for _area in ("registry", "lineage", "drift", "produce", "serve", "keys", "cdc", "doctor"):
     importlib.import_module(f"featurestream.cli_{_area}").register(app)
 
 

@@ -21,6 +21,51 @@ def _num(value: float | None) -> str:
 def register(app: typer.Typer) -> None:
     """Add this area's commands to the ``featurestream`` app."""
 
+    @app.command("baseline")
+    def baseline(
+        view: Annotated[str, typer.Argument(help="feature view name")],
+        pipeline: Annotated[Path, typer.Option("--pipeline", help="pipeline file defining the view")],
+        training_set: Annotated[
+            int,
+            typer.Option(
+                "--training-set",
+                help="id of a recorded training set (get_training_set(..., registry=...); "
+                "`featurestream lineage VIEW` lists them)",
+            ),
+        ],
+    ) -> None:
+        """Capture a view's drift baseline from a recorded training set, for `featurestream drift`."""
+        from engine.errors import DefinitionError
+        from featurestream.config import Settings
+        from featurestream.runtime import feature_store, load_views
+        from registry.core import Registry
+        from registry.drift import capture_baseline
+
+        views = {v.name: v for v in load_views(pipeline)}
+        if view not in views:
+            raise DefinitionError(f"{pipeline} defines no feature view {view!r}; it has {sorted(views)}")
+        fv = views[view]
+        registry = Registry(Settings().resolved_registry_url())
+        try:
+            store = feature_store(fv, start_services=False)  # reads Delta only
+            table = store.reproduce_training_set(registry, training_set)
+            stats = capture_baseline(registry, fv, table, training_set_id=training_set)
+        finally:
+            registry.close()
+        table_out = Table(title=f"baseline of {fv.name} ({fv.version}) from training set #{training_set}")
+        for col in ("feature", "n", "null rate", "mean", "std"):
+            table_out.add_column(col, justify="left" if col == "feature" else "right", overflow="fold")
+        for feature, st in stats.items():
+            table_out.add_row(
+                feature,
+                f"{st.get('n', 0):,}",
+                _num(st.get("null_rate")),
+                _num(st.get("mean")),
+                _num(st.get("std")),
+            )
+        console.print(table_out)
+        console.print(f"measure drift against it with `featurestream drift {fv.name} --pipeline {pipeline}`")
+
     @app.command("drift")
     def drift(
         view: Annotated[str, typer.Argument(help="feature view name")],

@@ -11,6 +11,8 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
+from engine.errors import DefinitionError
+
 if TYPE_CHECKING:
     from registry.core import Registry
 
@@ -107,8 +109,7 @@ def audit(
     try:
         start = datetime.now(UTC) - parse_duration(since)
     except Exception:
-        console.print(f"[bold red]error:[/] --since {since!r} is not a duration; use e.g. 30m, 24h, 7d")
-        raise typer.Exit(code=2) from None
+        raise DefinitionError(f"--since {since!r} is not a duration; use e.g. 30m, 24h, 7d") from None
     rows = _run(
         lambda reg: access_audit_log(
             reg, key_id=key, since=start, allowed=False if denied else None, resource=view, limit=limit
@@ -118,11 +119,12 @@ def audit(
         console.print(f"no access decisions since {_when(start)}")
         return
     table = Table(title=f"access decisions since {_when(start)}")
-    for col in ("time (UTC)", "key", "action", "views / source", "allowed", "reason", "client"):
+    for col in ("time (UTC)", "count", "key", "action", "views / source", "allowed", "reason", "client"):
         table.add_column(col, overflow="fold")
     for r in rows:
         table.add_row(
             r.at.strftime("%Y-%m-%d %H:%M:%S"),
+            f"{r.count:,}",
             r.key_id or "-",
             r.action,
             escape(", ".join(r.resources)) or "-",
@@ -145,10 +147,7 @@ def _expiry(text: str) -> datetime:
     except Exception:
         delta = None
     if not isinstance(delta, timedelta) or delta <= timedelta(0):
-        console.print(
-            f"[bold red]error:[/] --expires {text!r} is neither a duration (30d, 12h) nor a date (YYYY-MM-DD)"
-        )
-        raise typer.Exit(code=2)
+        raise DefinitionError(f"--expires {text!r} is neither a duration (30d, 12h) nor a date (YYYY-MM-DD)")
     return datetime.now(UTC) + delta
 
 
@@ -167,19 +166,12 @@ def _when(value: datetime | None) -> str:
 
 
 def _run(action: Callable[[Registry], T]) -> T:
-    from engine.errors import FeaturestreamError
+    """Run ``action`` on the configured registry; errors reach the CLI's handler (one line, exit 2)."""
     from featurestream.config import Settings
     from registry.core import Registry
 
-    try:
-        reg = Registry(Settings().resolved_registry_url())
-    except FeaturestreamError as exc:
-        console.print(f"[bold red]error:[/] {escape(str(exc))}", soft_wrap=True)
-        raise typer.Exit(code=2) from None
+    reg = Registry(Settings().resolved_registry_url())
     try:
         return action(reg)
-    except FeaturestreamError as exc:
-        console.print(f"[bold red]error:[/] {escape(str(exc))}", soft_wrap=True)
-        raise typer.Exit(code=2) from None
     finally:
         reg.close()

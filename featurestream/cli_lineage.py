@@ -117,16 +117,16 @@ def register(app: typer.Typer) -> None:
         if not found:
             console.print(f"no model named {name!r} is registered" if name else "no models are registered")
             return
-        table = Table()
+        table = Table(title="registered models")
         for col in ("model", "version", "training set", "created", "parameters", "metrics"):
-            table.add_column(col)
+            table.add_column(col, overflow="fold")
         for m in found:
             table.add_row(
                 escape(m.name),
                 escape(m.version),
                 f"#{m.training_set_id}",
-                m.created_at.strftime("%Y-%m-%d %H:%M:%S"),
-                escape(_compact(m.parameters)),
-                escape(_compact(m.metrics)),
+                m.created_at.strftime("%Y-%m-%d\n%H:%M:%S UTC"),
+                escape(_compact(m.parameters).replace(", ", "\n")),
+                escape(_compact(m.metrics).replace(", ", "\n")),
             )
         console.print(table)

@@ -151,28 +151,26 @@ def _fail(message: str) -> typer.Exit:
 
 
 def _changes_table(changes: list[Change], applied: bool) -> Table:
+    """One row per view; fits 80 columns (reasons wrap at word boundaries, never per letter)."""
     table = Table(title="applied" if applied else "plan")
-    table.add_column("view", no_wrap=True)
+    table.add_column("view", overflow="fold", ratio=2)
     table.add_column("change", no_wrap=True)
-    table.add_column("current", no_wrap=True)
-    table.add_column("new version", no_wrap=True)
-    if applied:
-        table.add_column("result", no_wrap=True)
+    table.add_column("version", overflow="fold", ratio=2)
     table.add_column("breaking", no_wrap=True)
-    table.add_column("reasons", overflow="fold")
+    table.add_column("reasons", overflow="fold", ratio=4, min_width=16)
     for ch in changes:
         style = _STYLE.get(ch.kind, "")
         kind = f"[{style}]{ch.kind}[/]" if style else ch.kind
-        row = [
-            ch.name,
-            kind,
-            ch.current.label if ch.current else "-",
-            ch.proposed.version if ch.proposed else "-",
-        ]
-        if applied:
-            row.append(ch.result.label if ch.result else "-")
-        row += ["yes" if ch.breaking else "no", "\n".join(ch.reasons) or "-"]
-        table.add_row(*row)
+        now = ch.current.label if ch.current else "-"
+        if applied and ch.result:
+            new = ch.result.label
+        else:
+            new = f"{ch.proposed.version} (new)" if ch.proposed else "-"
+        if ch.kind in ("unchanged", "metadata", "removed"):
+            version = now
+        else:
+            version = new if now in ("-", new) else f"{now} -> {new}"
+        table.add_row(ch.name, kind, version, "yes" if ch.breaking else "no", "\n".join(ch.reasons) or "-")
     return table
 
 
@@ -187,26 +185,30 @@ def _summary(changes: list[Change]) -> str:
 
 
 def _versions_table(rows: list[ViewVersion]) -> Table:
+    """Versions with their status history in one column; fits 80 columns."""
     table = Table(title="feature view versions")
-    for col in ("version", "hash", "status", "created", "deprecated", "retire after", "retired", "topic"):
-        table.add_column(col, no_wrap=True)
-    table.add_column("owner")
-    table.add_column("description", overflow="fold")
+    table.add_column("version", no_wrap=True)
+    table.add_column("status", no_wrap=True)
+    table.add_column("created", no_wrap=True)
+    table.add_column("topic, description", overflow="fold")
     styles = {"active": "green", "deprecated": "yellow", "retired": "dim"}
     for v in rows:
-        table.add_row(
-            v.label,
-            v.version_hash,
-            f"[{styles[v.status]}]{v.status}[/]" if v.status in styles else v.status,
-            _when(v.created_at),
-            _when(v.deprecated_at),
-            _when(v.retire_after),
-            _when(v.retired_at),
-            v.source_topic,
-            v.owner or "-",
-            v.description or "-",
-        )
+        lines = [f"[{styles[v.status]}]{v.status}[/]" if v.status in styles else v.status]
+        if v.retire_after:
+            lines.append(f"retire after {_day(v.retire_after)}")
+        if v.deprecated_at and v.status != "deprecated":
+            lines.append(f"deprecated {_day(v.deprecated_at)}")
+        elif v.deprecated_at:
+            lines.append(f"since {_day(v.deprecated_at)}")
+        if v.retired_at:
+            lines.append(f"retired {_day(v.retired_at)}")
+        about = "\n".join(x for x in (v.source_topic, v.description, v.owner) if x)
+        table.add_row(f"{v.label}\n[dim]{v.version_hash}[/]", "\n".join(lines), _day(v.created_at), about)
     return table
+
+
+def _day(value: datetime | None) -> str:
+    return "-" if value is None else value.strftime("%Y-%m-%d")
 
 
 def _when(value: datetime | None) -> str:

@@ -7,7 +7,6 @@ from typing import Annotated
 
 import typer
 from rich.console import Console
-from rich.markup import escape
 
 console = Console(stderr=True)
 
@@ -26,6 +25,9 @@ def register(app: typer.Typer) -> None:
             bool, typer.Option("--no-auth", help="serve without API keys: local development only")
         ] = False,
         max_entities: Annotated[int | None, typer.Option(help="entities per read (default 1000)")] = None,
+        read_cache_mib: Annotated[
+            float, typer.Option(help="memory (MiB) for computed values of unchanged entities; 0 disables")
+        ] = 64,
         refresh_seconds: Annotated[
             float, typer.Option(help="how often API keys and registered versions are re-read")
         ] = 5.0,
@@ -34,37 +36,31 @@ def register(app: typer.Typer) -> None:
         POST /push/{source}; docs at /docs, health at /healthz and /readyz, metrics at /metrics."""
         import uvicorn
 
-        from engine.errors import FeaturestreamError
         from featurestream.cli_registry import load_path
         from featurestream.config import Settings
         from featurestream.server import ServerConfig, ServerDeps, create_app
         from featurestream.services import ensure_services
 
-        try:
-            settings = Settings()
-            auth = settings.serve_auth and not no_auth
-            views = load_path(path)
-            eps = ensure_services(settings)
-            config = ServerConfig(
-                auth=auth,
-                max_entities=max_entities or settings.serve_max_entities,
-                refresh_seconds=refresh_seconds,
-            )
-            deps = ServerDeps(
-                views=views,
-                redis_url=eps.redis_url,
-                redis_prefix=settings.redis_prefix,
-                registry_url=_registry_url(settings, auth),
-                kafka_bootstrap_servers=eps.kafka_bootstrap_servers,
-                kafka_config=dict(settings.kafka_config),
-                config=config,
-            )
-            app_ = create_app(deps)
-        except FeaturestreamError as exc:
-            from engine.redact import redact_text
-
-            console.print(f"[bold red]error:[/] {escape(redact_text(str(exc)))}", soft_wrap=True)
-            raise typer.Exit(code=2) from None
+        settings = Settings()
+        auth = settings.serve_auth and not no_auth
+        views = load_path(path)
+        eps = ensure_services(settings)
+        config = ServerConfig(
+            auth=auth,
+            max_entities=max_entities or settings.serve_max_entities,
+            refresh_seconds=refresh_seconds,
+            read_cache_mib=read_cache_mib,
+        )
+        deps = ServerDeps(
+            views=views,
+            redis_url=eps.redis_url,
+            redis_prefix=settings.redis_prefix,
+            registry_url=_registry_url(settings, auth),
+            kafka_bootstrap_servers=eps.kafka_bootstrap_servers,
+            kafka_config=dict(settings.kafka_config),
+            config=config,
+        )
+        app_ = create_app(deps)  # errors (pipeline, registry, services) reach the CLI's handler
         bind_host = host or settings.serve_host
         bind_port = settings.serve_port if port is None else port
         if not auth:

@@ -7,7 +7,7 @@ import io
 import warnings
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -18,18 +18,22 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from connectors.delta_store import DeltaOfflineStore, event_schema
-from connectors.redis_store import RedisOnlineStore
+from connectors.redis_table_store import RedisTableStore
 from engine.decode import entity_id
 from engine.definitions import Aggregation, FeatureView
 from engine.errors import DefinitionError, FeaturestreamError, StoreError
 from engine.reads import online_values, point_in_time_values
+from engine.table_definitions import TableView
+from engine.table_reads import online_table_values, point_in_time_table
 
 if TYPE_CHECKING:
+    from featurestream.config import Settings
     from registry.core import Registry
     from registry.versions import ViewVersion
 
-__all__ = ["TRAINING_SET_ID", "FeatureStore", "OnlineFeatures"]
+__all__ = ["TRAINING_SET_ID", "FeatureStore", "OnlineFeatures", "connect", "training_set_id"]
 
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 TRAINING_SET_ID = b"featurestream.training_set_id"  # schema metadata key of recorded training sets
 
 
@@ -72,7 +76,7 @@ class FeatureStore:
         registry: Registry | None = None,
     ) -> None:
         self.views = {v.name: v for v in views}
-        self.online = RedisOnlineStore(redis_url, redis_prefix)
+        self.online = RedisTableStore(redis_url, redis_prefix)  # tiles and table values
         self._resolved: dict[tuple[str, ...], dict[str, list[Aggregation]]] = {}
         self.offline = DeltaOfflineStore(delta_uri, delta_storage_options)
         self.registry = registry
@@ -89,8 +93,22 @@ class FeatureStore:
                 view_ref = ref.partition(":")[0]
                 if "@" in view_ref and view_ref not in self.views:
                     self.views[view_ref] = self._registered(view_ref)
+                elif view_ref in self.views and self.registry is not None:
+                    self._check_not_retired(self.views[view_ref])
             self._resolved[key] = _resolve(self.views, features)
         return self._resolved[key]
+
+    def _check_not_retired(self, view: FeatureView) -> None:
+        """A definition whose registered version was retired is no longer served."""
+        from registry.core import RegistryError
+        from registry.versions import find_version, versions
+
+        found = find_version(self.registry, view.name, view.version)  # type: ignore[arg-type]
+        if found is None or found.status != "retired":
+            return
+        live = [v.label for v in versions(self.registry, view.name) if v.status != "retired"]  # type: ignore[arg-type]
+        hint = f"read {live[-1]} instead" if live else "apply a new definition of it"
+        raise RegistryError(f"{view.name} as defined here is {found.label}, which is retired; {hint}")
 
     def _registered(self, view_ref: str) -> FeatureView:
         from registry.core import RegistryError
@@ -98,7 +116,11 @@ class FeatureStore:
 
         name, _, seq = view_ref.partition("@")
         if self.registry is None:
-            raise DefinitionError(f"{view_ref!r} names a registered version; create the store with registry=")
+            raise DefinitionError(
+                f"{view_ref!r} names a registered version, but no registry is open: record versions "
+                "with `featurestream apply PIPELINE.py`; in Python, build the store with "
+                "featurestream.connect(...)"
+            )
         if not seq.isdigit():
             raise DefinitionError(f"{view_ref!r}: the version after '@' is a number, e.g. {name}@2")
         found = get_version(self.registry, name, int(seq))
@@ -146,7 +168,7 @@ class FeatureStore:
         at = as_of or datetime.now(UTC)
         if at.tzinfo is None:
             raise FeaturestreamError("as_of must be timezone-aware, e.g. datetime.now(timezone.utc)")
-        at_ms = round(at.timestamp() * 1000)
+        at_ms = (at - _EPOCH) // timedelta(milliseconds=1)  # floor: no event after ``at``
         wanted = self._resolve(features)
         views = [self.views[v] for v in wanted]
         rows = self._entity_rows(entity_keys, views)
@@ -155,6 +177,12 @@ class FeatureStore:
         for ref, view in zip(wanted, views, strict=True):
             aggs = wanted[ref]
             ns = self.online.namespace(view.name, view.version)
+            if isinstance(view, TableView):  # current-row aggregates of a CDC source
+                found = self.online.read_values(ns, self._entity_ids(view, rows))
+                for name, (vals, ts) in online_table_values(view, found, aggs).items():  # type: ignore[arg-type]
+                    values[f"{ref}:{name}"] = vals
+                    times[f"{ref}:{name}"] = ts
+                continue
             blobs = self.online.read_tiles(ns, self._entity_ids(view, rows))
             results = online_values(view, blobs, at_ms, aggs)
             for agg in aggs:
@@ -252,6 +280,42 @@ class FeatureStore:
         return _with_id(out, record.id)
 
 
+def training_set_id(table: pa.Table) -> int | None:
+    """The id under which ``get_training_set(..., registry=...)`` recorded ``table`` (for
+    ``register_model``, ``reproduce_training_set`` and ``featurestream baseline``); None if unrecorded."""
+    raw = (table.schema.metadata or {}).get(TRAINING_SET_ID)
+    return None if raw is None else int(raw)
+
+
+def connect(*views: FeatureView | str | Path, settings: Settings | None = None) -> FeatureStore:
+    """A store bound to the same services and settings as the CLI (environment, else
+    ``featurestream.toml``): the configured Redis or the running embedded one, the Delta root and
+    key prefix, and the registry (so ``view@N`` reads work). ``views`` are feature views or
+    pipeline files. It starts nothing: with no Redis running it raises :class:`ServiceUnavailable`
+    naming `featurestream services up`, rather than reading an empty store."""
+    from featurestream.config import Settings
+    from featurestream.runtime import load_views
+    from featurestream.services import redis_endpoint
+    from featurestream.serving import _registry_if_any
+
+    settings = settings or Settings()
+    found: list[FeatureView] = []
+    for v in views:
+        found.extend([v] if isinstance(v, FeatureView) else load_views(v))
+    if not found:
+        raise DefinitionError(
+            "connect() needs feature views or pipeline files, e.g. connect('pipelines/transactions.py')"
+        )
+    return FeatureStore(
+        found,
+        redis_url=redis_endpoint(settings),
+        delta_uri=settings.resolved_delta_uri(),
+        redis_prefix=settings.redis_prefix,
+        delta_storage_options=settings.delta_storage_options,
+        registry=_registry_if_any(settings),
+    )
+
+
 def _resolve(views: dict[str, FeatureView], features: Sequence[str]) -> dict[str, list[Aggregation]]:
     out: dict[str, list[Aggregation]] = {}
     for ref in features:
@@ -262,7 +326,7 @@ def _resolve(views: dict[str, FeatureView], features: Sequence[str]) -> dict[str
                 f"unknown feature view {view_name!r} in {ref!r}; known views: {sorted(views)}"
             )
         aggs = out.setdefault(view_name, [])
-        for agg in view.aggregations if not feat else [view.aggregation(feat)]:
+        for agg in view.features if not feat else [view.aggregation(feat)]:
             if all(a is not agg for a in aggs):
                 aggs.append(agg)
     return out
@@ -289,7 +353,7 @@ def _training_table(
             f"entity_df[{timestamp_column!r}] must be a timezone-aware timestamp (got {ts_type}); "
             "convert it, e.g. pandas: df[col] = df[col].dt.tz_localize('UTC')"
         )
-    at_ms = pc.cast(table.column(timestamp_column), pa.timestamp("ms", "UTC")).cast(pa.int64()).to_numpy()
+    at_ms = _floor_millis(table.column(timestamp_column))
     out = table
     for view_name, aggs in wanted.items():
         view = views[view_name]
@@ -297,6 +361,13 @@ def _training_table(
         if missing:
             raise FeaturestreamError(f"entity_df lacks join keys {missing} of view {view_name!r}")
         ids = FeatureStore._entity_ids(view, table.select(list(view.entity.join_keys)).to_pylist())
+        if isinstance(view, TableView):
+            pin = None if pins is None else pins[view_name]
+            uri = uris[view_name]
+            cols = _table_training_columns(offline, view, aggs, ids, at_ms, uri, pins is None, pin)
+            for name, col in cols.items():
+                out = out.append_column(f"{view_name}:{name}", col)
+            continue
         lookback = view.max_lookback + view.tile_size
         start = datetime.fromtimestamp(int(at_ms.min()) / 1000, UTC) - lookback if len(at_ms) else None
         end = datetime.fromtimestamp(int(at_ms.max()) / 1000, UTC) if len(at_ms) else None
@@ -312,6 +383,18 @@ def _training_table(
             agg = view.aggregation(name)
             out = out.append_column(f"{view_name}:{name}", _arrow_values(vals, agg))
     return out
+
+
+def _floor_millis(column: pa.ChunkedArray) -> np.ndarray:
+    """Row times in epoch milliseconds, rounded down: an event at millisecond ``m`` is at or
+    before a row time ``t`` exactly when ``m <= floor(t)``, so µs/ns timestamps
+    (``pd.Timestamp.now(tz="UTC")``) need no rounding by the caller."""
+    unit = column.type.unit
+    per_ms = {"s": None, "ms": 1, "us": 1_000, "ns": 1_000_000}[unit]
+    raw = pc.cast(column, pa.int64()).to_numpy(zero_copy_only=False)
+    if per_ms is None:
+        return raw * 1000
+    return raw // per_ms
 
 
 def _absolute(uri: str) -> str:
@@ -365,7 +448,7 @@ def _with_id(table: pa.Table, training_set_id: int) -> pa.Table:
 
 
 def _is_count(agg: Aggregation) -> bool:
-    return agg.function == "count"
+    return getattr(agg, "function", None) == "count"  # derived features are floats
 
 
 def _py_values(vals: np.ndarray, agg: Aggregation) -> list[Any]:
@@ -388,3 +471,30 @@ def _arrow_values(vals: np.ndarray, agg: Aggregation) -> pa.Array:
 
 def _empty_events(view: FeatureView) -> pa.Table:
     return event_schema(view.columns, view.text_columns).empty_table()
+
+
+def _table_training_columns(
+    offline: DeltaOfflineStore,
+    view: TableView,
+    features: list[Any],
+    ids: list[str],
+    at_ms: np.ndarray,
+    uri: str,
+    latest: bool,
+    pin: int | None,
+) -> dict[str, pa.Array]:
+    """A table view's columns: each row's entity's aggregates over the table as of its time
+    (the Delta table at version ``pin``, or the latest one; a None pin: no changes stored)."""
+    from engine.table_flow import change_log_schema
+
+    log = None
+    if (latest or pin is not None) and len(at_ms):
+        end = datetime.fromtimestamp(int(at_ms.max()) / 1000, UTC)
+        log = offline.read(uri, end=end, version=pin)
+    if log is None:
+        log = change_log_schema(view.source.fields).empty_table()
+    else:  # only the keys that ever belonged to an asked-for entity
+        wanted = pc.is_in(log.column("entity"), value_set=pa.array(sorted(set(ids)), pa.string()))
+        keys = pc.unique(log.column("pk").filter(wanted.fill_null(False)))
+        log = log.filter(pc.is_in(log.column("pk"), value_set=keys))
+    return point_in_time_table(view, log, ids, at_ms, features)

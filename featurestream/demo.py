@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import threading
 import time
 import uuid
@@ -58,6 +59,7 @@ def run_demo(events: int, users: int, partitions: int, keep_services: bool, cons
                 producer.poll(0)
                 progress.update(task, completed=i)
         producer.flush(60)
+        del producer  # closed now, so it does not log the broker going away when the demo stops it
         progress.update(task, completed=events)
 
         task = progress.add_task("pipeline", total=events)
@@ -131,6 +133,7 @@ def run_demo(events: int, users: int, partitions: int, keep_services: bool, cons
     console.print(table)
 
     if not keep_services and not already:
+        gc.collect()  # close every Kafka client first: librdkafka logs a broker that goes away
         stopped = stop_embedded(settings)
         if stopped:
             console.print("stopped the embedded services it started: " + "; ".join(stopped))
@@ -156,5 +159,5 @@ def _fmt(v: object) -> str:
     if isinstance(v, float):
         return f"{v:,.2f}"
     if isinstance(v, datetime):
-        return v.strftime("%H:%M:%S")
+        return v.astimezone(UTC).strftime("%Y-%m-%d %H:%M:%S UTC")
     return str(v)

@@ -250,9 +250,10 @@ def _embedded(
         _write_state(state_dir, state)
     if not start:
         env = _KAFKA_ENV if kind == "kafka" else _REDIS_ENV
+        fill = " (then `featurestream run PIPELINE.py` to fill it)" if kind == "redis" else ""
         raise ServiceUnavailable(
-            f"No embedded {spec.label} is running for state dir {state_dir} and start=False. "
-            f"Start it with ensure_services(settings, start=True), or set {env}."
+            f"no embedded {spec.label} is running for state dir {state_dir}; start one with "
+            f"`featurestream services up`{fill}, or set {env} to yours"
         )
     proc, port = _launch(kind, state_dir, storage)
     state[kind] = {
@@ -324,6 +325,18 @@ def ensure_services(settings: Settings, *, start: bool = True) -> Endpoints:
         delta_uri=settings.resolved_delta_uri(),
         kafka_generation=generation,
     )
+
+
+def redis_endpoint(settings: Settings) -> str:
+    """The Redis URL readers use, starting nothing: the configured one (checked) or the running
+    embedded one; else :class:`ServiceUnavailable` naming the command that starts it. An empty
+    Redis started just to read from would answer zeros for every feature."""
+    if settings.redis_url is not None:
+        _check_configured("redis", settings.redis_url)
+        return settings.redis_url
+    state_dir = _state_dir(settings)
+    with _locked(state_dir):
+        return _embedded("redis", state_dir, _read_state(state_dir), False)
 
 
 def stop_embedded(settings: Settings) -> list[str]:

@@ -38,15 +38,23 @@ def served_views(views: list[FeatureView], settings: Settings) -> list[FeatureVi
     registry = _registry_if_any(settings)
     if registry is None:
         return list(views)
-    from registry.versions import serving_views
+    from registry.versions import find_version, serving_views
 
     try:
+        retired = [
+            found
+            for v in views
+            if (found := find_version(registry, v.name, v.version)) and found.status == "retired"
+        ]
         known = {v.version for v in views}
         names = [v.name for v in views]
         registered = [v for v in serving_views(registry, names) if v.version not in known]
     finally:
         registry.close()
-    return [*views, *registered]
+    for found in retired:
+        log.warning("%s is retired: not computed (its definition is still in the pipeline)", found.label)
+    gone = {f.version_hash for f in retired}
+    return [*(v for v in views if v.version not in gone), *registered]
 
 
 class DriftWatch:

@@ -76,7 +76,7 @@ def _version_id(registry: Registry, view: FeatureView) -> int:
     if found is None:
         raise RegistryError(
             f"feature view {view.name!r} version {view.version} is not in the registry at "
-            f"{registry.safe_url}; apply it first"
+            f"{registry.safe_url}; record it with `featurestream apply PIPELINE.py`"
         )
     return int(found.id)
 
@@ -153,7 +153,8 @@ def measure_drift(
     base = baselines(registry, view)
     if not base:
         raise RegistryError(
-            f"no drift baseline for {view.name!r} version {view.version}; capture one from a training set"
+            f"no drift baseline for {view.name!r} version {view.version}; capture one from a recorded "
+            f"training set: `featurestream baseline {view.name} --pipeline PIPELINE.py --training-set ID`"
         )
     features = [f for f in view.feature_names if f in base]
     aggs = [view.aggregation(f) for f in features]

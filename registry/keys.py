@@ -80,7 +80,8 @@ class ApiKey:
 
 @dataclass(frozen=True)
 class AccessRecord:
-    """One access decision of the feature server."""
+    """Access decisions of the feature server: ``count`` identical ones (same key, action,
+    resources, outcome, reason and client) from ``at`` to ``last_at`` (one decision: count 1)."""
 
     at: datetime
     key_id: str | None
@@ -90,6 +91,12 @@ class AccessRecord:
     # ok | missing_key | malformed_key | unknown_key | wrong_secret | revoked | expired | out_of_scope
     reason: str
     client: str = ""
+    count: int = 1
+    last_at: datetime | None = None  # None: same as ``at``
+
+    def __post_init__(self) -> None:
+        if self.last_at is None:
+            object.__setattr__(self, "last_at", self.at)
 
 
 def secret_hash(secret: str) -> str:
@@ -196,9 +203,12 @@ def record_access(registry: Registry, records: Sequence[AccessRecord]) -> None:
     rows = [
         {
             "at": r.at,
+            "last_at": r.last_at or r.at,
+            "count": r.count,
             "key_id": r.key_id,
             "action": r.action,
             "resources": list(r.resources),
+            "resource_list": "," + ",".join(r.resources) + ",",
             "allowed": r.allowed,
             "reason": r.reason,
             "client": r.client[:64],
@@ -219,23 +229,21 @@ def access_audit_log(
     resource: str | None = None,
     limit: int = 1000,
 ) -> list[AccessRecord]:
-    """Access decisions, newest first, filtered by key, time range, outcome and view or source."""
+    """Access decisions, newest first, filtered by key, time range (a row counts if any of its
+    decisions falls in it), outcome and view or source."""
     query = select(access_audit).order_by(access_audit.c.at.desc(), access_audit.c.id.desc())
     for value, clause in (
         (key_id, lambda: access_audit.c.key_id == key_id),
-        (since, lambda: access_audit.c.at >= since),
+        (since, lambda: access_audit.c.last_at >= since),
         (until, lambda: access_audit.c.at < until),
         (allowed, lambda: access_audit.c.allowed.is_(allowed)),
     ):
         if value is not None:
             query = query.where(clause())
-    if resource is None:
-        query = query.limit(limit)
+    if resource is not None:
+        query = query.where(access_audit.c.resource_list.contains(f",{resource},", autoescape=True))
     with registry.read() as conn:
-        rows = [_record(r._mapping) for r in conn.execute(query)]
-    if resource is not None:  # JSON containment differs by backend; the audit is read rarely
-        rows = [r for r in rows if resource in r.resources][:limit]
-    return rows
+        return [_record(r._mapping) for r in conn.execute(query.limit(limit))]
 
 
 def _scopes(kind: str, names: Iterable[str]) -> tuple[str, ...]:
@@ -280,4 +288,6 @@ def _record(m: Any) -> AccessRecord:
         allowed=bool(m["allowed"]),
         reason=m["reason"],
         client=m["client"] or "",
+        count=int(m["count"]),
+        last_at=_utc(m["last_at"]),
     )

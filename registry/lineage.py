@@ -258,7 +258,10 @@ def lineage_graph(registry: Registry, name: str) -> LineageGraph:
     view_ids = [v.id for v in by_id.values() if v.name == name]
     named = [m for m in model_rows if m.name == name]
     if not named and not view_ids:
-        raise RegistryError(f"no model or feature view named {name!r} is in the registry")
+        raise RegistryError(
+            f"no model or feature view named {name!r} is in the registry; record views with "
+            "`featurestream apply PIPELINE.py`, models with registry.register_model(...)"
+        )
     chosen_sets = {m.training_set_id for m in named}
     chosen_sets |= {t.id for t in ts_rows.values() if set(t.view_version_ids) & set(view_ids)}
     chosen_models = {m.id: m for m in named}

@@ -143,15 +143,20 @@ api_keys = Table(
     Column("revoked_at", DateTime(timezone=True)),
 )
 
-# One row per access decision of the feature server (allowed or denied).
+# Access decisions of the feature server (allowed or denied). Identical decisions (same key,
+# action, resources, outcome, reason and client) within one flush interval of the server share
+# a row: ``count`` of them, the first at ``at``, the last at ``last_at``.
 access_audit = Table(
     "fs_access_audit",
     metadata,
     Column("id", BigInteger().with_variant(Integer, "sqlite"), primary_key=True, autoincrement=True),
     Column("at", DateTime(timezone=True), nullable=False),
+    Column("last_at", DateTime(timezone=True), nullable=False),
+    Column("count", BigInteger, nullable=False, default=1),
     Column("key_id", String(32)),  # NULL: no key, or not one of ours
     Column("action", String(16), nullable=False),  # read | produce
     Column("resources", JSON, nullable=False),  # view or source names
+    Column("resource_list", Text, nullable=False),  # the same as ",a,b,", to filter on portably
     Column("allowed", Boolean, nullable=False),
     Column("reason", String(32), nullable=False),  # ok | missing_key | unknown_key | revoked | ...
     Column("client", String(64), nullable=False, default=""),

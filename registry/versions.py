@@ -18,6 +18,7 @@ from sqlalchemy.exc import IntegrityError
 
 from engine.definitions import FeatureView
 from engine.errors import DefinitionError
+from engine.table_definitions import TableView
 from registry.core import Registry, RegistryError, now
 from registry.diff import diff_views
 from registry.schema import view_changes, view_versions
@@ -77,7 +78,9 @@ class ViewVersion:
     def view(self) -> FeatureView:
         """The FeatureView this version serves (metadata edits included); its ``version`` is the hash."""
         try:
-            view = FeatureView(**(self.edited_definition or self.definition))
+            definition = self.edited_definition or self.definition
+            kind = TableView if "features" in definition else FeatureView  # a CDC table view
+            view = kind(**definition)
         except DefinitionError as exc:
             raise RegistryError(f"stored definition of {self.label} no longer validates: {exc}") from None
         if view.version != self.version_hash:

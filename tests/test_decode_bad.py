@@ -184,7 +184,8 @@ good_events = st.builds(
     st.one_of(st.none(), st.just(_DROP), st.floats(-1e9, 1e9, allow_nan=False, allow_infinity=False)),
     st.one_of(st.none(), st.booleans()),
     st.one_of(st.none(), st.text(max_size=5)),
-    st.integers(0, 4_102_444_799_999),
+    # not 946_684_800..4_102_444_799: epoch seconds of 2000..2100, refused as a unit mistake
+    st.one_of(st.integers(0, 946_684_799), st.integers(4_102_444_800, 4_102_444_799_999)),
 )
 
 

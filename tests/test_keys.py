@@ -93,6 +93,9 @@ def test_audit_is_recorded_and_queried(registry: Registry) -> None:
     assert access_audit_log(registry, since=t0 + timedelta(minutes=2)) == [records[3], records[2]]
     assert access_audit_log(registry, until=t0 + timedelta(minutes=1)) == [records[0]]
     assert access_audit_log(registry, limit=1) == [records[3]]
+    record_access(registry, [AccessRecord(t0, None, "read", ("axb",), False, "missing_key", count=7)])
+    assert access_audit_log(registry, resource="a_b") == []  # a name, not a LIKE pattern
+    assert access_audit_log(registry, resource="axb")[0].count == 7
 
 
 def _cli(env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:

@@ -3,10 +3,12 @@ health and metrics, against the test broker and Redis with features computed by 
 
 from __future__ import annotations
 
+import subprocess
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any
 
 import pyarrow as pa
@@ -18,6 +20,7 @@ from registry.keys import create_key
 from registry.versions import apply, deprecate, retire
 from tests.conftest import Services
 from tests.server_helpers import (
+    CLI,
     MIN,
     Server,
     clicks_view,
@@ -326,3 +329,17 @@ def test_docs_health_readiness_and_metrics(world: World) -> None:
     assert "featurestream_server_access_decisions_total" in metrics
     assert world.key not in metrics and world.key.split("_")[1] not in metrics
     assert world.key not in world.server.log_text()
+
+
+def test_serve_refuses_to_start_with_a_clear_error(services: Services, tmp_path: Path) -> None:
+    env = server_env(services.kafka, services.redis_url, "x", f"sqlite:///{tmp_path / 'r.db'}", tmp_path)
+    missing = subprocess.run(
+        [*CLI, "serve", str(tmp_path / "nope.py")], env=env, capture_output=True, text=True, timeout=60
+    )
+    assert missing.returncode == 2 and "does not exist" in missing.stdout, missing.stdout + missing.stderr
+    pipeline = write_pipeline(tmp_path, "t", "c")
+    env["FEATURESTREAM_REGISTRY_URL"] = "postgresql://fs:hunter2-secret@127.0.0.1:1/none?connect_timeout=2"
+    down = subprocess.run([*CLI, "serve", str(pipeline)], env=env, capture_output=True, text=True, timeout=60)
+    out = down.stdout + down.stderr
+    assert down.returncode == 2 and "unreachable" in out, out
+    assert "hunter2-secret" not in out

@@ -87,6 +87,7 @@ def test_requests_without_a_valid_key_get_401(world: World, headers: dict[str, s
     assert err["error"] == "unauthorized" and err["field"] == "Authorization" and "keys create" in err["fix"]
     assert world.server.get("/features/spend/u1", headers=headers).status_code == 401
     assert world.server.post("/push/payments", json={}, headers=headers).status_code == 401
+
     def recorded() -> set[tuple[str, tuple[str, ...]]]:
         return {(r.action, r.resources) for r in _decisions(world, allowed=False) if r.reason == reason}
 
@@ -123,7 +124,17 @@ def test_scopes_allow_and_forbid_per_view_and_source(world: World) -> None:
     )
     assert {r.resources for r in rows} >= {("clicks",), ("spend", "clicks"), ("payments",)}
     allowed = _decisions(world, key_id=world.reader_id, allowed=True)
-    assert allowed and all(r.resources == ("spend",) and r.client == "127.0.0.1" for r in allowed)
+    assert all(r.resources == ("spend",) and r.client == "127.0.0.1" for r in allowed)
+    assert sum(r.count for r in allowed) == 3
+
+
+def test_every_decision_is_counted_in_the_audit(world: World) -> None:
+    key, secret = create_key(world.registry, "burst", read=["spend"])
+    for _ in range(40):
+        assert _read(world, SPEND, secret).status_code == 200
+    rows = wait_for(lambda: (r := _decisions(world, key_id=key.id)) and sum(x.count for x in r) == 40 and r)
+    assert len(rows) < 40  # identical decisions of one flush interval share a row
+    assert all(r.allowed and r.reason == "ok" and r.last_at >= r.at for r in rows)
 
 
 def test_revoked_key_is_refused_within_the_refresh_interval(world: World) -> None:

@@ -120,7 +120,7 @@ def test_ensure_services_starts_reuses_and_stops(tmp_path: Path) -> None:
     assert _refuses(_port(first.redis_url))
     assert not (tmp_path / "state" / "services.json").exists()
     assert stop_embedded(settings) == []
-    with pytest.raises(ServiceUnavailable, match="start=False"):
+    with pytest.raises(ServiceUnavailable, match="featurestream services up"):
         ensure_services(settings, start=False)
 
 

@@ -16,6 +16,7 @@ from tests.tiles_helpers import LAYOUT
 
 @pytest.fixture(autouse=True)
 def _restore() -> None:
+    snapshots_needed(True)  # an in-process run without recovery earlier in the session said False
     yield
     snapshots_needed(True)
 

@@ -1,17 +1,23 @@
 """The HTTP feature server (``featurestream serve``): online features for services, with API keys.
 
-Stack: Starlette on uvicorn with httptools and uvloop. Measured on this project's 2-core machine
-(same JSON answer, keep-alive, one process), Starlette + uvicorn answered in about 70 us at p50
-and 11-14k requests/s, FastAPI on the same server took about 2x longer per request (its
-validation and serialisation layers) and granian's ASGI mode added about 20 us per request at
-concurrency 1 (the hop from its Rust threads to Python). Request bodies are decoded and
-validated by msgspec (one pass, errors name the path), answers encoded by msgspec or Arrow IPC.
-The OpenAPI schema is generated from the same msgspec models.
+Stack: Starlette on uvicorn with httptools and uvloop, chosen by measurement on this project's
+2-core machine (the same small JSON answer, keep-alive, one process, load generator alongside):
+Starlette + uvicorn answered in about 70-80 us at p50 with one connection; FastAPI on the same
+server took about twice as long per request (its validation and serialisation layers) and
+reached about half the requests/s; granian's ASGI mode added about 20 us per request with one
+connection (the hop from its Rust threads to Python) and was not clearly faster with 32.
+Request bodies are decoded and validated by msgspec (one pass; errors name the path), answers
+encoded by msgspec or Arrow IPC, and the OpenAPI schema is generated from the same msgspec models.
+
+Most of a read's time is not HTTP but the Redis round trip and numpy's per-call cost, so reads
+of concurrent requests are coalesced (:mod:`.batch`), every window of a view is combined in one
+pass (:mod:`.reads`), and computed values are reused while an entity's tiles and the current
+tile are unchanged (:class:`.reads.ReadCache`, exact).
 
 Modules: :mod:`.app` (routes and the request path), :mod:`.catalog` (served views and versions),
-:mod:`.reads` (vectorised online reads with statuses), :mod:`.encode` (JSON and Arrow answers),
-:mod:`.auth` (API keys and the access audit), :mod:`.push` (events to Kafka), :mod:`.metrics`,
-:mod:`.models`, :mod:`.openapi`, :mod:`.errors`, :mod:`.config`.
+:mod:`.reads` and :mod:`.batch` (online reads with statuses), :mod:`.encode` (JSON and Arrow
+answers), :mod:`.auth` (API keys and the access audit), :mod:`.push` (events to Kafka),
+:mod:`.metrics`, :mod:`.models`, :mod:`.openapi`, :mod:`.errors`, :mod:`.config`.
 """
 
 from featurestream.server.app import FeatureServer, create_app

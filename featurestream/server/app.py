@@ -1,14 +1,16 @@
 """The ASGI application: routes, the request path of an online read, health and lifecycle.
 
-An online read runs on the event loop without a thread hop: one Redis MGET per view through
+An online read runs on the event loop without a thread hop: reads of concurrent requests are
+coalesced (:mod:`featurestream.server.batch`) into one Redis MGET through
 :class:`connectors.redis_store.RedisOnlineStore` (tens of microseconds on a local network, less
-than handing the call to a thread) and the vectorised combine of :mod:`featurestream.server.reads`.
+than handing the call to a thread) and one vectorised combine (:mod:`featurestream.server.reads`).
 The Redis client's timeouts (``redis_timeout_seconds``) bound how long a dead Redis can hold the
 loop; Redis errors answer 503 and the client reconnects on the next request once Redis is back.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import threading
 import time
@@ -28,9 +30,10 @@ from starlette.routing import Route
 from connectors.redis_store import RedisOnlineStore
 from engine.decode import entity_id
 from engine.definitions import FeatureView
-from engine.errors import FeaturestreamError, StoreError
+from engine.errors import FeaturestreamError
 from engine.redact import describe, redact_text
 from featurestream.server.auth import AuditLog, KeyRing
+from featurestream.server.batch import ReadBatcher
 from featurestream.server.catalog import Catalog, Selection
 from featurestream.server.config import ServerDeps
 from featurestream.server.encode import ARROW, Answer, arrow_bytes, arrow_table, json_online, json_vector
@@ -39,7 +42,7 @@ from featurestream.server.metrics import ServerMetrics
 from featurestream.server.models import decode_online
 from featurestream.server.openapi import DOCS_HTML, openapi
 from featurestream.server.push import PushGate, split_events
-from featurestream.server.reads import Block
+from featurestream.server.reads import Block, ReadCache
 from registry.core import Registry
 from registry.keys import ApiKey
 
@@ -75,6 +78,9 @@ class FeatureServer:
             socket_timeout=cfg.redis_timeout_seconds,
             connect_timeout=cfg.redis_timeout_seconds,
         )
+        hits, misses = self.metrics.cache.labels("hit"), self.metrics.cache.labels("miss")
+        self.cache = ReadCache(int(cfg.read_cache_mib * (1 << 20)), lambda h, m: (hits.inc(h), misses.inc(m)))
+        self.batcher = ReadBatcher(self.store, self.cache, self.metrics)
         self.registry = Registry(deps.registry_url) if deps.registry_url else None
         if cfg.auth and self.registry is None:
             raise FeaturestreamError("API keys live in the registry: give a registry URL, or turn auth off")
@@ -154,21 +160,6 @@ class FeatureServer:
         if key is not None and self.keys is not None:
             self.keys.authorize(key, action, names, _client(request))
 
-    def _read(self, sel: Selection, ids: list[str], at_ms: int) -> Block:
-        ns = self.store.namespace(sel.view.name, sel.view.version)
-        try:
-            blobs = self.store.read_tiles(ns, ids)
-        except StoreError as exc:
-            self.metrics.redis_errors.inc()
-            raise ApiError(
-                503,
-                "redis_unavailable",
-                f"the online store did not answer: {redact_text(str(exc))}",
-                fix="retry shortly; the server reconnects by itself when Redis is back",
-                headers={"Retry-After": "1"},
-            ) from None
-        return sel.reader.read(blobs, at_ms, sel.plan or sel.aggs)
-
     # -- routes ---------------------------------------------------------------------------------
 
     async def online(self, request: Request, labels: list[str]) -> Response:
@@ -179,13 +170,8 @@ class FeatureServer:
         sels = self.catalog.resolve(req.features, readable)
         names = list(dict.fromkeys(s.view.name for s in sels))
         labels[:] = names
-        self._authorize(key, "read", names, request)
-        self.metrics.entities.observe(len(next(iter(req.entities.values()))))
-        at_ms = _now_ms()
-        blocks, out_names, aggs = [], [], []
+        out_names, aggs = [], []
         for sel in sels:
-            ids = _entity_ids(sel.view, req.entities)
-            blocks.append(self._read(sel, ids, at_ms))
             for a in sel.aggs:
                 out_names.append(f"{sel.ref}__{a.feature_name}" if req.full_feature_names else a.feature_name)
                 aggs.append(a)
@@ -198,6 +184,11 @@ class FeatureServer:
                 field="full_feature_names",
                 fix='set "full_feature_names": true',
             )
+        ids = [_entity_ids(sel.view, req.entities) for sel in sels]
+        self._authorize(key, "read", names, request)
+        self.metrics.entities.observe(len(ids[0]))
+        reads = [self.batcher.read(sel, sel_ids) for sel, sel_ids in zip(sels, ids, strict=True)]
+        blocks = [await reads[0]] if len(reads) == 1 else list(await asyncio.gather(*reads))
         answer = Answer(out_names, aggs, _stack(blocks))
         headers = _deprecations(sels)
         if _wants_arrow(request):
@@ -228,7 +219,8 @@ class FeatureServer:
                 sel.aggs.append(by_name[name])
         else:
             sel.aggs.extend(sel.view.aggregations)
-        block = self._read(sel, [entity], _now_ms())
+        sel.plan = sel.reader.plan(sel.aggs)
+        block = await self.batcher.read(sel, [entity])
         answer = Answer([a.feature_name for a in sel.aggs], sel.aggs, block)
         headers = _deprecations([sel])
         if _wants_arrow(request):
@@ -286,6 +278,7 @@ class FeatureServer:
     def timed(self, route: str, handler: Handler) -> Callable[[Request], Awaitable[Response]]:
         """Run ``handler``, turn ApiErrors into JSON answers, observe latency by view and code."""
         hist = self.metrics.latency
+        children: dict[tuple[str, str], Any] = {}  # (view, code) -> histogram child: labels() is slow
 
         async def endpoint(request: Request) -> Response:
             start = time.perf_counter()
@@ -301,7 +294,10 @@ class FeatureServer:
             elapsed = time.perf_counter() - start
             code = str(response.status_code)
             for view in labels or _NO_VIEW:
-                hist.labels(route, view, code).observe(elapsed)
+                child = children.get((view, code))
+                if child is None:
+                    child = children[(view, code)] = hist.labels(route, view, code)
+                child.observe(elapsed)
             return response
 
         return endpoint
@@ -309,10 +305,6 @@ class FeatureServer:
 
 def _client(request: Request) -> str:
     return request.client.host if request.client else ""
-
-
-def _now_ms() -> int:
-    return int(time.time() * 1000)
 
 
 def _wants_arrow(request: Request) -> bool:

@@ -7,16 +7,15 @@ revocation takes effect within ``refresh_seconds``. Secrets are compared in cons
 (:func:`hmac.compare_digest` in :meth:`registry.keys.ApiKey.matches`).
 
 Every access decision (allowed or denied, with the key id, the views or source, the time and
-the client address) is queued and written to the registry's audit table in batches by a
-background thread. If the audit cannot be written and its queue is full, requests are refused
-with 503 rather than served unrecorded. A key or secret never reaches a log, a metric or an
-error message; only key ids do (they are not secret).
+the client address) is queued and written to the registry's audit table by a background thread,
+identical decisions of one flush interval as one counted row. If the audit cannot be written
+and its queue is full, requests are refused with 503 rather than served unrecorded. A key or
+secret never reaches a log, a metric or an error message; only key ids do (they are not secret).
 """
 
 from __future__ import annotations
 
 import asyncio
-import collections
 import logging
 import threading
 import time
@@ -42,7 +41,12 @@ _NO_KEY = (
 
 
 class AuditLog:
-    """Access decisions, written to the registry in batches by a daemon thread."""
+    """Access decisions, written to the registry by a daemon thread every ``flush_seconds``.
+
+    Identical decisions (same key, action, resources, outcome, reason, client) within one
+    interval are written as one row with their count and first and last time: every decision is
+    counted, and a busy server writes a few rows a second rather than one per request.
+    """
 
     def __init__(
         self, registry: Registry, metrics: ServerMetrics, flush_seconds: float, max_pending: int
@@ -51,7 +55,8 @@ class AuditLog:
         self.metrics = metrics
         self.flush_seconds = flush_seconds
         self.max_pending = max_pending
-        self._pending: collections.deque[AccessRecord] = collections.deque()
+        self._pending: dict[tuple, list] = {}  # type: ignore[type-arg]
+        self._lock = threading.Lock()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, name="fs-audit", daemon=True)
         self._failing = False
@@ -62,35 +67,59 @@ class AuditLog:
         return self
 
     def add(self, record: AccessRecord) -> None:
-        if len(self._pending) >= self.max_pending:
-            raise ApiError(
-                503,
-                "audit_unavailable",
-                "the access audit cannot be written (registry unreachable), so no access is granted",
-                fix="retry later; the server recovers by itself once the registry answers",
-                headers={"Retry-After": "1"},
-            )
-        self._pending.append(record)
+        key = (record.key_id, record.action, record.resources, record.allowed, record.reason, record.client)
+        with self._lock:
+            entry = self._pending.get(key)
+            if entry is not None:
+                entry[1] = record.at
+                entry[2] += 1
+                return
+            if len(self._pending) >= self.max_pending:
+                raise ApiError(
+                    503,
+                    "audit_unavailable",
+                    "the access audit cannot be written (registry unreachable), so no access is granted",
+                    fix="retry later; the server recovers by itself once the registry answers",
+                    headers={"Retry-After": "1"},
+                )
+            self._pending[key] = [record.at, record.at, 1]
 
     def flush(self) -> int:
-        """Write what is queued; returns how many records were written."""
-        written = 0
-        while self._pending:
-            batch = [self._pending.popleft() for _ in range(min(len(self._pending), 5000))]
-            try:
-                record_access(self.registry, batch)
-            except Exception as exc:
-                self._pending.extendleft(reversed(batch))
-                if not self._failing:
-                    log.error("cannot write the access audit (will retry): %s", describe(exc))
-                self._failing = True
-                self.metrics.audit_errors.inc()
-                return written
-            if self._failing:
-                log.info("access audit written again")
-            self._failing = False
-            written += len(batch)
-        return written
+        """Write what is queued; returns how many rows were written."""
+        with self._lock:
+            batch, self._pending = self._pending, {}
+        if not batch:
+            return 0
+        rows = [
+            AccessRecord(
+                at=first,
+                key_id=k[0],
+                action=k[1],
+                resources=k[2],
+                allowed=k[3],
+                reason=k[4],
+                client=k[5],
+                count=n,
+                last_at=last,
+            )
+            for k, (first, last, n) in batch.items()
+        ]
+        try:
+            record_access(self.registry, rows)
+        except Exception as exc:
+            with self._lock:  # keep them, merged with what came meanwhile, for the next round
+                for k, (first, last, n) in batch.items():
+                    entry = self._pending.setdefault(k, [first, last, 0])
+                    entry[0], entry[2] = first, entry[2] + n
+            if not self._failing:
+                log.error("cannot write the access audit (will retry): %s", describe(exc))
+            self._failing = True
+            self.metrics.audit_errors.inc()
+            return 0
+        if self._failing:
+            log.info("access audit written again")
+        self._failing = False
+        return len(rows)
 
     def _loop(self) -> None:
         while not self._stop.wait(self.flush_seconds):

@@ -29,6 +29,9 @@ class ServerConfig(BaseModel):
     audit_max_pending: int = Field(
         default=100_000, ge=1, description="queued audit records beyond which requests get 503"
     )
+    read_cache_mib: float = Field(
+        default=64, ge=0, description="memory for computed values of unchanged entities; 0 disables"
+    )
     push_flush_seconds: float = Field(
         default=10.0, gt=0, description="how long a push waits for the broker's acknowledgement"
     )

@@ -37,20 +37,52 @@ class Answer:
 def _values(block: Block) -> list[list[Any]]:
     """(F, n) values as Python lists: counts as ints, NaN as None."""
     values = block.values
+    if values.size <= _SMALL:
+        counts = block.counts.tolist()
+        return [
+            [int(v) for v in row] if count else [None if v != v else v for v in row]
+            for row, count in zip(values.tolist(), counts, strict=True)
+        ]
     nan = np.isnan(values)
     out = values.astype(object)
-    if block.counts.any():
-        out[block.counts] = values[block.counts].astype(np.int64).astype(object)
+    if block.counts.any():  # a count is never null
+        out[block.counts] = np.nan_to_num(values[block.counts]).astype(np.int64).astype(object)
     if nan.any():
         out[nan] = None
     return out.tolist()
 
 
+_SMALL = 256  # values below which plain Python beats numpy's per-call cost
+_formatted: dict[float, str] = {}
+
+
+def _time_text(ms: float) -> str | None:
+    if ms != ms:  # NaN: no event
+        return None
+    text = _formatted.get(ms)
+    if text is None:
+        if len(_formatted) > 100_000:
+            _formatted.clear()
+        text = _formatted[ms] = str(
+            np.datetime_as_string(np.datetime64(int(ms), "ms"), unit="ms", timezone="UTC")
+        )
+    return text
+
+
+def _time_lists(times: np.ndarray) -> list[list[str | None]]:
+    if times.size <= _SMALL:
+        return [[_time_text(t) for t in row] for row in times.tolist()]
+    return _times(times).tolist()
+
+
 def _times(times: np.ndarray) -> np.ndarray:
-    """(F, n) epoch ms -> object array of RFC 3339 strings, None where NaN."""
+    """(F, n) epoch ms -> object array of RFC 3339 strings, None where NaN. Each distinct time
+    is formatted once (the features of an entity mostly share their newest event)."""
     nan = np.isnan(times)
-    ms = np.where(nan, 0, times).astype(np.int64).astype("datetime64[ms]")
-    out = np.datetime_as_string(ms, unit="ms", timezone="UTC").astype(object)
+    ms = np.where(nan, 0, times).astype(np.int64)
+    uniq, inverse = np.unique(ms, return_inverse=True)
+    text = np.datetime_as_string(uniq.astype("datetime64[ms]"), unit="ms", timezone="UTC").astype(object)
+    out = text[inverse.reshape(ms.shape)]
     out[nan] = None
     return out
 
@@ -58,13 +90,11 @@ def _times(times: np.ndarray) -> np.ndarray:
 def json_online(keys: dict[str, list[Any]], answer: Answer) -> bytes:
     b = answer.block
     n = b.values.shape[1]
-    times = _times(b.times)
-    status = STATUSES[b.status]
     results: list[dict[str, Any]] = [
         {"values": col, "statuses": ["PRESENT"] * n, "event_timestamps": [_KEY_TIME] * n}
         for col in keys.values()
     ]
-    values, statuses, stamps = _values(b), status.tolist(), times.tolist()
+    values, statuses, stamps = _values(b), STATUSES[b.status].tolist(), _time_lists(b.times)
     for i in range(len(answer.aggs)):
         results.append({"values": values[i], "statuses": statuses[i], "event_timestamps": stamps[i]})
     return _encode({"metadata": {"feature_names": [*keys, *answer.names]}, "results": results})
@@ -72,7 +102,7 @@ def json_online(keys: dict[str, list[Any]], answer: Answer) -> bytes:
 
 def json_vector(view: str, version: str, entity: str, answer: Answer) -> bytes:
     b = answer.block
-    times = _times(b.times)[:, 0].tolist()
+    times = [row[0] for row in _time_lists(b.times)]
     status = STATUSES[b.status[:, 0]].tolist()
     values = dict(zip(answer.names, (row[0] for row in _values(b)), strict=True))
     return _encode(

@@ -34,6 +34,12 @@ class ServerMetrics:
             buckets=(1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 5000),
             registry=r,
         )
+        self.batch = Histogram(
+            "featurestream_server_read_batch_requests",
+            "Requests served by one coalesced Redis read and combine",
+            buckets=(1, 2, 4, 8, 16, 32, 64, 128),
+            registry=r,
+        )
         self.decisions = Counter(
             "featurestream_server_access_decisions_total",
             "Access decisions, by action (read, produce), outcome and reason",
@@ -51,6 +57,12 @@ class ServerMetrics:
         self.redis_errors = Counter(
             "featurestream_server_redis_errors_total",
             "Online reads that failed because Redis did not answer",
+            registry=r,
+        )
+        self.cache = Counter(
+            "featurestream_server_read_cache_total",
+            "Entities read from the cache of computed values (hit) or computed (miss)",
+            ["result"],
             registry=r,
         )
         self.pushed = Counter(

@@ -19,6 +19,7 @@ Status per value (the names Feast uses):
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
@@ -26,7 +27,7 @@ from engine.definitions import Aggregation, FeatureView, duration_ms
 from engine.reads import _current_tiles
 from engine.tiles import MAXTS, TILE, TileLayout, combine, event_time, finalize, window_tile_range
 
-__all__ = ["STATUSES", "Block", "Plan", "ViewReader"]
+__all__ = ["STATUSES", "Block", "Plan", "ReadCache", "ViewReader"]
 
 PRESENT, NOT_FOUND, OUTSIDE_MAX_AGE, NULL_VALUE = range(4)
 STATUSES = np.array(["PRESENT", "NOT_FOUND", "OUTSIDE_MAX_AGE", "NULL_VALUE"], dtype=object)
@@ -59,6 +60,8 @@ class ViewReader:
                 self._first.append(a)
             self._window[a.feature_name] = windows[w]
         self.n_windows = len(windows)
+        self._index = {a.feature_name: i for i, a in enumerate(view.aggregations)}
+        self._full: Plan | None = None
 
     def plan(self, aggs: list[Aggregation]) -> Plan:
         """Index arrays to read ``aggs`` in one pass (made once per distinct request shape)."""
@@ -82,12 +85,69 @@ class ViewReader:
             time_idx=np.array([times[a.column] for a in aggs], np.int64),
             window_idx=np.array([self._window[a.feature_name] for a in aggs], np.int64),
             counts=np.array([a.function == "count" for a in aggs], bool),
+            feature_idx=np.array([self._index[a.feature_name] for a in aggs], np.int64),
         )
 
-    def read(self, blobs: list[bytes], at_ms: int, aggs: list[Aggregation] | Plan) -> Block:
+    def read(
+        self,
+        blobs: list[bytes],
+        at_ms: int,
+        aggs: list[Aggregation] | Plan,
+        ids: list[str] | None = None,
+        cache: ReadCache | None = None,
+    ) -> Block:
         """Values of ``aggs`` (or a :meth:`plan` of them) for the entities whose tile logs are
-        ``blobs``, as of ``at_ms``."""
+        ``blobs``, as of ``at_ms``; with ``ids`` and a ``cache``, unchanged entities are not
+        recomputed within a tile."""
         plan = aggs if isinstance(aggs, Plan) else self.plan(aggs)
+        if ids is None or cache is None or not cache.enabled:
+            values, times, has_data, newest = self._compute(blobs, at_ms, plan)
+        else:
+            values, times, has_data, newest = self._cached(ids, blobs, at_ms, plan, cache)
+        with np.errstate(invalid="ignore"):
+            stale = has_data & (newest < at_ms - self.ttl_ms)
+        status = np.where(np.isnan(values), NULL_VALUE, PRESENT).astype(np.int8)
+        status[:, stale] = OUTSIDE_MAX_AGE
+        status[:, ~has_data] = NOT_FOUND
+        return Block(values, times, status, plan.counts)
+
+    def _cached(
+        self, ids: list[str], blobs: list[bytes], at_ms: int, plan: Plan, cache: ReadCache
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        """Every feature of the view per entity, from the cache where the entity's tile log and
+        the current tile are those it was computed for (then the values are the same), the rest
+        computed in one pass and cached."""
+        n, width = len(blobs), len(self.view.aggregations)
+        tile_no = at_ms // self.layout.tile_ms
+        values = np.empty((n, width))
+        times = np.empty((n, width))
+        has_data = np.zeros(n, bool)
+        newest = np.full(n, np.nan)
+        miss: list[int] = []
+        version = self.view.version
+        for i, blob in enumerate(blobs):
+            hit = cache.get(version, ids[i], blob, tile_no) if blob else None
+            if hit is None:
+                miss.append(i)
+            else:
+                values[i], times[i], has_data[i], newest[i] = hit
+        cache.count(n - len(miss), len(miss))
+        if miss:
+            full = self._full or self.plan(list(self.view.aggregations))
+            self._full = full
+            v, t, h, nw = self._compute([blobs[i] for i in miss], at_ms, full)
+            values[miss], times[miss], has_data[miss], newest[miss] = v.T, t.T, h, nw
+            for j, i in enumerate(miss):
+                if blobs[i]:
+                    cache.put(
+                        version, ids[i], blobs[i], tile_no, (v[:, j].copy(), t[:, j].copy(), h[j], nw[j])
+                    )
+        return values[:, plan.feature_idx].T, times[:, plan.feature_idx].T, has_data, newest
+
+    def _compute(
+        self, blobs: list[bytes], at_ms: int, plan: Plan
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        """(values (F, n), event times (F, n), has data (n,), newest event (n,)), computed."""
         layout, n, g_count = self.layout, len(blobs), self.n_windows
         counts = np.fromiter((len(b) // layout.row_bytes for b in blobs), np.int64, n)
         rows, gid = _current_tiles(layout, blobs, counts)
@@ -106,16 +166,53 @@ class ViewReader:
         stamps = np.stack([event_time(layout, partial, a) for a in plan.time_aggs]).reshape(-1, n, g_count)
         values = finals[plan.final_idx, :, plan.window_idx]  # (F, n)
         times = stamps[plan.time_idx, :, plan.window_idx]
-
         has_data = np.bincount(gid, minlength=n) > 0
         newest = np.full(n, np.nan)
         np.fmax.at(newest, gid, rows[:, MAXTS])
-        with np.errstate(invalid="ignore"):
-            stale = has_data & (newest < at_ms - self.ttl_ms)
-        status = np.where(np.isnan(values), NULL_VALUE, PRESENT).astype(np.int8)
-        status[:, stale] = OUTSIDE_MAX_AGE
-        status[:, ~has_data] = NOT_FOUND
-        return Block(values, times, status, plan.counts)
+        return values, times, has_data, newest
+
+
+class ReadCache:
+    """Computed features per (view version, entity), valid while the entity's tile log and the
+    current tile number are unchanged: a value as of ``t`` depends on nothing else, because
+    window sizes and hops are multiples of the tile size (see :func:`engine.tiles.window_tile_range`).
+    Bounded by bytes (the logs it keeps to compare); oldest entries go first."""
+
+    def __init__(self, max_bytes: int, on_count: Any = None) -> None:
+        self.max_bytes = max_bytes
+        self.enabled = max_bytes > 0
+        self._entries: dict[tuple[str, str], tuple[bytes, int, Any]] = {}
+        self._bytes = 0
+        self._on_count = on_count
+
+    def get(self, version: str, entity: str, blob: bytes, tile_no: int) -> Any:
+        hit = self._entries.get((version, entity))
+        if hit is None or hit[1] != tile_no or hit[0] != blob:
+            return None
+        return hit[2]
+
+    def put(self, version: str, entity: str, blob: bytes, tile_no: int, value: Any) -> None:
+        key = (version, entity)
+        old = self._entries.pop(key, None)
+        if old is not None:
+            self._bytes -= _size(old[0], old[2])
+        self._entries[key] = (blob, tile_no, value)
+        self._bytes += _size(blob, value)
+        while self._bytes > self.max_bytes and self._entries:
+            first = next(iter(self._entries))
+            gone = self._entries.pop(first)
+            self._bytes -= _size(gone[0], gone[2])
+
+    def count(self, hits: int, misses: int) -> None:
+        if self._on_count is not None:
+            self._on_count(hits, misses)
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+
+def _size(blob: bytes, value: Any) -> int:
+    return len(blob) + value[0].nbytes + value[1].nbytes + 200
 
 
 @dataclass(frozen=True)
@@ -130,3 +227,4 @@ class Plan:
     time_idx: np.ndarray
     window_idx: np.ndarray
     counts: np.ndarray
+    feature_idx: np.ndarray  # position of each in the view's aggregations
