@@ -5,6 +5,7 @@
 ./run bench soak --help          # lost/duplicated events under repeated kills (benchmarks/soak.py)
 ./run bench freshness            # producer wall clock -> readable online, at 1k/10k/50k events/s
 ./run bench serve                # feature server p50/p99 and requests/s (benchmarks/serve.py)
+./run bench cdc                  # table view: Debezium changes/s to Redis + Delta (benchmarks/cdc.py)
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from connectors.kafka import ensure_topic
 from engine.dataflow import RuntimeConfig, build_dataflow, run_dataflow
 from engine.definitions import Aggregation, Entity, FeatureView
 from featurestream.client import FeatureStore
-from featurestream.services import EphemeralServices
+from featurestream.local.services import EphemeralServices
 from featurestream.synthetic import card_transactions
 from pipelines.transactions import transactions
 
@@ -78,6 +79,10 @@ def main() -> None:
         from benchmarks.freshness import main as freshness
 
         sys.exit(freshness(sys.argv[2:]))
+    if sys.argv[1:2] == ["cdc"]:
+        from benchmarks.cdc import main as cdc
+
+        sys.exit(cdc(sys.argv[2:]))
     if sys.argv[1:2] == ["serve"]:
         from benchmarks.serve import main as serve
 

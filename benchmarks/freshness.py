@@ -31,8 +31,8 @@ from confluent_kafka import Producer
 
 from connectors.kafka import ensure_topic
 from featurestream.client import FeatureStore
+from featurestream.local.services import EphemeralServices
 from featurestream.runtime import load_views
-from featurestream.services import EphemeralServices
 
 PROBES = 50
 PIPELINE = """

@@ -34,8 +34,8 @@ import numpy as np
 from connectors.kafka import ensure_topic
 from engine.dataflow import RuntimeConfig, build_dataflow, run_dataflow
 from engine.definitions import Aggregation, Entity, FeatureView, Window
-from featurestream._processes import _free_port
-from featurestream.services import EphemeralServices
+from featurestream.local.processes import _free_port
+from featurestream.local.services import EphemeralServices
 from pipelines.transactions import transactions
 
 ROOT = Path(__file__).resolve().parents[1]

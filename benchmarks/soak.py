@@ -21,7 +21,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from featurestream.services import EphemeralServices
+from featurestream.local.services import EphemeralServices
 from tests.chaos_helpers import Chaos, chaos_run, compare, make_events
 
 

@@ -24,6 +24,7 @@ from typing import Any
 
 import msgspec
 import numpy as np
+from msgspec.structs import astuple
 
 from engine.decode import (
     _INT64,
@@ -52,7 +53,7 @@ _ENVELOPE_HINT = "send a Debezium change event {before, after, source, op, ts_ms
 _OP_NAMES = {"t": "a truncate", "m": "a logical decoding message"}
 
 
-class _Source(msgspec.Struct, kw_only=True):
+class _Source(msgspec.Struct, kw_only=True, gc=False):
     ts_ms: _INT64 | None = None
     lsn: _INT64 | None = None
 
@@ -103,8 +104,10 @@ class CdcDecoder:
             required = not f.nullable
             after_spec.append((f.name, t) if required else (f.name, t | None, None))
             before_spec.append((f.name, t | None, None))
-        after = msgspec.defstruct("After", after_spec, kw_only=True)
-        before = msgspec.defstruct("Before", before_spec, kw_only=True)
+        # gc=False: decoded structs hold only scalars and other structs (no cycles), so the
+        # garbage collector need not track the several made per message.
+        after = msgspec.defstruct("After", after_spec, kw_only=True, gc=False)
+        before = msgspec.defstruct("Before", before_spec, kw_only=True, gc=False)
         common: list[tuple[Any, ...]] = [
             ("op", str | None, None),
             ("before", before | None, None),
@@ -112,17 +115,23 @@ class CdcDecoder:
             ("source", _Source | None, None),
             ("ts_ms", _INT64 | None, None),
         ]
-        inner = msgspec.defstruct("Payload", common, kw_only=True)
+        inner = msgspec.defstruct("Payload", common, kw_only=True, gc=False)
         outer = msgspec.defstruct(
             "Envelope",
             [*common, ("payload", inner | None, None), ("schema", msgspec.Raw, msgspec.Raw(b""))],
             kw_only=True,
+            gc=False,
         )
         # strict=False: numbers sent as strings (Debezium's decimal.handling.mode=string, e.g.
         # "12.50" for a numeric column) are read as numbers; non-finite ones are refused below.
         self._value = msgspec.json.Decoder(outer, strict=False)
         self._floats = [i for i, f in enumerate(row_fields) if f.dtype == "float"]
         self._key = msgspec.json.Decoder(dict[str, Any])
+        # The common key, bare with typed key columns, in one typed call; anything else (wrapped,
+        # or wrong) takes the general path, which also names what is wrong.
+        key_spec: list[tuple[Any, ...]] = [(k, _PY[self.fields[k].dtype]) for k in self.pk]
+        key_spec += [("schema", msgspec.Raw, msgspec.Raw(b"")), ("payload", msgspec.Raw, msgspec.Raw(b""))]
+        self._typed_key = msgspec.json.Decoder(msgspec.defstruct("Key", key_spec, kw_only=True, gc=False))
 
     def decode(self, keys: list[bytes | None], values: list[bytes], offsets: np.ndarray) -> DecodedChanges:
         """Every message is a change, a skipped tombstone or a failure (reason, detail)."""
@@ -213,11 +222,9 @@ class CdcDecoder:
             raise _Failure(
                 Reason.VALUE, f"source.lsn: {lsn} is negative; send the change's log sequence number"
             )
-        after = before = None
-        if env.after is not None:
-            after = tuple(getattr(env.after, n) for n in self.names)
-        if env.before is not None:
-            before = tuple(getattr(env.before, n) for n in self.names)
+        # The image structs' fields are self.names, in order.
+        after = None if env.after is None else astuple(env.after)
+        before = None if env.before is None else astuple(env.before)
         for image, where in ((after, "after"), (before, "before")):
             for j in self._floats if image is not None else ():
                 v = image[j]
@@ -258,6 +265,12 @@ class CdcDecoder:
         return op, pk, offset if lsn is None else lsn, lsn, ts, after, before
 
     def _key_pk(self, key: bytes) -> str:
+        try:
+            typed = self._typed_key.decode(key)
+            if not (len(typed.schema) and len(typed.payload)):
+                return entity_id([getattr(typed, k) for k in self.pk])
+        except Exception:  # the general path below says what is wrong
+            pass
         try:
             obj = self._key.decode(key)
         except Exception as exc:

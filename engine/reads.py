@@ -9,7 +9,7 @@ entity's newest event (reads "as of now"). Offline, the newest tile holds only e
 row's time, so a training row never sees a later event.
 
 Derived features are evaluated last, on the finalised values of the features they read, by the
-same function online and offline (:func:`_with_derived`).
+same function online, offline and in the HTTP server (:func:`with_derived`).
 """
 
 from __future__ import annotations
@@ -32,7 +32,7 @@ from engine.tiles import (
     window_tile_range,
 )
 
-__all__ = ["FeatureValues", "online_values", "point_in_time_values"]
+__all__ = ["FeatureValues", "online_values", "point_in_time_values", "with_derived"]
 
 FeatureValues = dict[str, tuple[np.ndarray, np.ndarray]]
 """feature name -> (values, event times in ms); NaN marks a null."""
@@ -48,7 +48,7 @@ def _by_window(aggs: list[Aggregation]) -> dict[tuple, list[Aggregation]]:
     return groups
 
 
-def _with_derived(
+def with_derived(
     view: FeatureView,
     wanted: list[Aggregation | Derived],
     compute: Callable[[list[Aggregation]], FeatureValues],
@@ -89,7 +89,7 @@ def online_values(
     view: FeatureView, blobs: list[bytes], at_ms: int, aggs: list[Aggregation | Derived]
 ) -> FeatureValues:
     """Values for each entity whose packed tiles are ``blobs[i]``, as of ``at_ms``."""
-    return _with_derived(view, aggs, lambda a: _online_values(view, blobs, at_ms, a))
+    return with_derived(view, aggs, lambda a: _online_values(view, blobs, at_ms, a))
 
 
 def _online_values(
@@ -136,7 +136,7 @@ def point_in_time_values(
     aggs: list[Aggregation | Derived],
 ) -> FeatureValues:
     """Values for each (``entity[i]``, ``at_ms[i]``) from stored events, using only events up to it."""
-    return _with_derived(view, aggs, lambda a: _point_in_time_values(view, events, entity, at_ms, a))
+    return with_derived(view, aggs, lambda a: _point_in_time_values(view, events, entity, at_ms, a))
 
 
 def _point_in_time_values(

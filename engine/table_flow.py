@@ -18,9 +18,12 @@ the event source (:mod:`engine.flow_io`); the sinks are the event path's (:mod:`
 from __future__ import annotations
 
 import copy
+import operator
 import time
 import zlib
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from itertools import repeat
 from typing import Any
 
 import bytewax.operators as op
@@ -148,6 +151,10 @@ class _ChangePartition(StatefulSourcePartition[ChangeBatch, dict]):
         names = [f.name for f in view.source.fields]
         self.entity_at = [names.index(k) for k in view.entity.join_keys]
         self.column_at = [names.index(c) for c in view.columns]
+        cols = self.column_at
+        self.pick: Callable[[tuple[Any, ...]], tuple[Any, ...]] = (
+            operator.itemgetter(*cols) if len(cols) > 1 else lambda a: (a[cols[0]],)
+        )
         self.partition = reader.partition
         labels = {"view": view.name, "topic": reader.topic, "partition": str(reader.partition)}
         self._in = EVENTS_IN.labels(**labels)
@@ -168,26 +175,26 @@ class _ChangePartition(StatefulSourcePartition[ChangeBatch, dict]):
             DeadLetter(raw.topic, raw.partition, int(raw.offsets[i]), raw.keys[i], raw.values[i], why, msg)
             for i, why, msg in dec.failures
         ]
-        entity: list[str | None] = []
-        for o, a in zip(dec.op, dec.after, strict=True):
-            parts = None if o == "d" or a is None else [a[j] for j in self.entity_at]
-            entity.append(None if parts is None or any(p is None for p in parts) else entity_id(parts))
-        cols, part = self.column_at, self.partition
+        # This runs for every change: comprehensions and zip, no generator frame per change.
+        if len(self.entity_at) == 1:  # entity_id of one part is str(part)
+            k = self.entity_at[0]
+            entity: list[str | None] = [
+                None if o == "d" or a is None or a[k] is None else str(a[k])
+                for o, a in zip(dec.op, dec.after, strict=True)
+            ]
+        else:
+            entity = []
+            for o, a in zip(dec.op, dec.after, strict=True):
+                parts = None if o == "d" or a is None else [a[j] for j in self.entity_at]
+                entity.append(None if parts is None or any(p is None for p in parts) else entity_id(parts))
+        pick = self.pick
+        values = [None if a is None else pick(a) for a in dec.after]
         offsets = raw.offsets[dec.index].tolist() if len(dec.index) else []
-        ts, position = dec.ts.tolist(), dec.position.tolist()
+        n = len(dec.op)
         moves = self.guard.apply(
-            (
-                pk,
-                o,
-                position[i],
-                entity[i],
-                None if a is None else tuple(a[j] for j in cols),
-                part,
-                offsets[i],
-                ts[i],
-            )
-            for i, (pk, o, a) in enumerate(zip(dec.pk, dec.op, dec.after, strict=True))
-        )
+            zip(dec.pk, dec.op, dec.position.tolist(), entity, values, repeat(self.partition, n), offsets,
+                dec.ts.tolist(), strict=True)
+        )  # fmt: skip
         self._in.inc(len(raw.values))
         self._ok.inc(len(dec.op))
         for letter in dead:

@@ -25,7 +25,7 @@ from __future__ import annotations
 import math
 from collections.abc import Iterable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 
 import msgspec
 import numpy as np
@@ -35,9 +35,9 @@ from engine.table_definitions import TableFeature, TableView
 __all__ = ["EntityTables", "Move", "RowGuard", "TableUpdate", "features_of", "pack", "unpack"]
 
 
-@dataclass(frozen=True)
-class Move:
-    """One key's row leaving (``values`` None) or entering/updating an entity."""
+class Move(NamedTuple):
+    """One key's row leaving (``values`` None) or entering/updating an entity. (A named tuple:
+    one or two are made per change, and a frozen dataclass costs several times more to build.)"""
 
     entity: str
     pk: str
@@ -153,18 +153,20 @@ class EntityTables:
 
     def apply(self, moves: Iterable[Move]) -> TableUpdate:
         touched: dict[str, _Entity] = {}
-        for m in moves:
-            ent = self.entities.get(m.entity)
+        entities = self.entities
+        for entity, pk, values, partition, offset, ts in moves:
+            ent = entities.get(entity)
             if ent is None:
-                ent = self.entities[m.entity] = _Entity()
-            if m.values is None:
-                ent.rows.pop(m.pk, None)
+                ent = entities[entity] = _Entity()
+            if values is None:
+                ent.rows.pop(pk, None)
             else:
-                ent.rows[m.pk] = m.values
-            if m.offset > ent.pos.get(m.partition, -1):
-                ent.pos[m.partition] = m.offset
-            ent.ts = max(ent.ts, m.ts)
-            touched[m.entity] = ent
+                ent.rows[pk] = values
+            if offset > ent.pos.get(partition, -1):
+                ent.pos[partition] = offset
+            if ts > ent.ts:
+                ent.ts = ts
+            touched[entity] = ent
         return self._update(touched)
 
     def resync(self) -> TableUpdate:

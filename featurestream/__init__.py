@@ -24,7 +24,7 @@ from featurestream.producer import InvalidEvent, Producer
 
 def open_registry(settings: Settings | None = None):
     """The registry these settings name: ``FEATURESTREAM_REGISTRY_URL``, else a SQLite file."""
-    from featurestream.serving import open_registry as _open
+    from featurestream.registered import open_registry as _open
 
     return _open(settings)
 

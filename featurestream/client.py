@@ -294,9 +294,9 @@ def connect(*views: FeatureView | str | Path, settings: Settings | None = None) 
     pipeline files. It starts nothing: with no Redis running it raises :class:`ServiceUnavailable`
     naming `featurestream services up`, rather than reading an empty store."""
     from featurestream.config import Settings
+    from featurestream.local.services import redis_endpoint
+    from featurestream.registered import _registry_if_any
     from featurestream.runtime import load_views
-    from featurestream.services import redis_endpoint
-    from featurestream.serving import _registry_if_any
 
     settings = settings or Settings()
     found: list[FeatureView] = []

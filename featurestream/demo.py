@@ -21,8 +21,8 @@ from engine.dataflow import build_dataflow, run_dataflow
 from engine.metrics import DEAD_LETTERS, EVENTS_IN, total
 from engine.redact import redact_url
 from featurestream.config import Settings
+from featurestream.local.services import embedded_status, stop_embedded
 from featurestream.runtime import feature_store, runtime_config
-from featurestream.services import embedded_status, stop_embedded
 from featurestream.synthetic import card_transactions
 from pipelines.transactions import user_spend
 

@@ -478,7 +478,7 @@ def _bootstrap(settings: Settings) -> str:
     """The configured broker, else the embedded one (started if needed)."""
     if settings.kafka_bootstrap_servers:
         return settings.kafka_bootstrap_servers
-    from featurestream.services import ensure_services
+    from featurestream.local.services import ensure_services
 
     return ensure_services(settings).kafka_bootstrap_servers
 

@@ -21,7 +21,7 @@ from connectors.redis_store import RedisOnlineStore
 from engine.definitions import FeatureView
 from engine.errors import FeaturestreamError
 from featurestream.config import Settings
-from featurestream.services import embedded_status
+from featurestream.local.services import embedded_status
 
 __all__ = ["ResetPlan", "apply_reset", "plan_reset"]
 

@@ -16,7 +16,7 @@ from engine.errors import DefinitionError, ServiceUnavailable
 from engine.table_definitions import TableView
 from featurestream.client import FeatureStore
 from featurestream.config import Settings
-from featurestream.services import ensure_services
+from featurestream.local.services import ensure_services
 from registry.core import Registry
 
 __all__ = [
@@ -128,7 +128,7 @@ def dataflow(*views: FeatureView, settings: Settings | None = None) -> Dataflow:
     Also starts this process's metrics endpoint (see :func:`start_metrics`).
     """
     from engine.observe import configure_logging
-    from featurestream.serving import served_views, start_drift_watch
+    from featurestream.registered import served_views, start_drift_watch
 
     configure_logging()
     _tell_recovery_from_bytewax_run()

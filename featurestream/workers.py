@@ -70,7 +70,7 @@ def run_cluster(
     number when it was killed), after the others were stopped.
     """
     from engine.dataflow import recovery_config
-    from featurestream._processes import HOST, _free_port
+    from featurestream.local.processes import HOST, _free_port
 
     if recovery_dir is not None:
         recovery_config(recovery_dir, partitions=processes * workers)
@@ -231,8 +231,8 @@ def _worker(argv: Sequence[str]) -> int:
     from engine.observe import configure_logging
     from engine.redact import describe, redact_text
     from featurestream.config import Settings
-    from featurestream.runtime import load_views, runtime_config, start_metrics
-    from featurestream.serving import served_views, start_drift_watch
+    from featurestream.registered import served_views, start_drift_watch
+    from featurestream.runtime import load_views, run_summary, runtime_config, start_metrics
 
     configure_logging()
     try:
@@ -245,6 +245,7 @@ def _worker(argv: Sequence[str]) -> int:
         stop_on_signals()
         _count_signals_once()
         _stop_when_asked(request_stop)
+        started = time.monotonic()
         run_dataflow(
             flow,
             workers=args.workers,
@@ -254,6 +255,9 @@ def _worker(argv: Sequence[str]) -> int:
             snapshot_seconds=args.snapshot_seconds,
             handle_signals=False,
         )
+        # Each process read its own share of the partitions: its summary is of that share.
+        for line in run_summary(views, time.monotonic() - started):
+            print(f"{me}: {line}", flush=True)
     except BaseException as exc:
         cause: BaseException | None = exc
         while cause is not None and not isinstance(cause, FeaturestreamError):

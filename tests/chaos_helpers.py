@@ -30,8 +30,8 @@ import pandas as pd
 from confluent_kafka import Producer
 
 from engine.definitions import FeatureView
-from featurestream._processes import _free_port
 from featurestream.client import FeatureStore
+from featurestream.local.processes import _free_port
 from featurestream.runtime import load_views
 from tests.support import create_topic, unique, worker_env
 

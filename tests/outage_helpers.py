@@ -23,8 +23,8 @@ from confluent_kafka import Producer
 
 from connectors.delta_store import DeltaOfflineStore
 from engine.definitions import FeatureView
-from featurestream._processes import HOST, _free_port, _redis_bin
 from featurestream.client import FeatureStore
+from featurestream.local.processes import HOST, _free_port, _redis_bin
 from tests.support import read_topic
 
 T0 = 1_700_000_000_000

@@ -19,8 +19,8 @@ from typing import Any
 
 import httpx
 
-from engine.definitions import Aggregation, Entity, EventSource, FeatureView, Field, Window
-from featurestream._processes import _free_port
+from engine.definitions import Aggregation, Derived, Entity, EventSource, FeatureView, Field, Window
+from featurestream.local.processes import _free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 CLI = [sys.executable, "-m", "featurestream.cli"]
@@ -80,6 +80,37 @@ def clicks_view(topic: str) -> FeatureView:
         tile_size="1m",
         allowed_lateness="7d",
     )
+
+
+def ratio_view(topic: str) -> FeatureView:
+    """``ratios``: derived features over ``payments``: a ratio, one dividing by a 10-minute count
+    (zero for an entity idle that long), one derived from another, one with a nullable input."""
+    return FeatureView(
+        name="ratios",
+        entity=Entity(name="user", join_keys=("user_id",)),
+        source=payments(topic),
+        aggregations=(
+            Aggregation(function="count", window="1h", name="tx_count"),
+            Aggregation(function="sum", column="amount", window="1h", name="amount_sum"),
+            Aggregation(function="count", window="10m", name="recent_count"),
+            Aggregation(function="max", column="amount", window="10m", name="amount_max_10m"),
+        ),
+        derived=(
+            Derived(name="avg_amount", expression="amount_sum / tx_count"),
+            Derived(name="per_recent", expression="amount_sum / recent_count"),
+            Derived(name="avg_x2", expression="avg_amount * 2 + 1"),
+            Derived(name="over_avg", expression="amount_max_10m - avg_amount"),
+        ),
+        tile_size="1m",
+        allowed_lateness="7d",
+    )
+
+
+RATIO_PIPELINE = """
+from tests.server_helpers import ratio_view
+
+views = [ratio_view({topic!r})]
+"""
 
 
 def server_views(topic: str, clicks_topic: str) -> list[FeatureView]:

@@ -21,8 +21,8 @@ from connectors.delta_store import DeltaOfflineStore
 from connectors.kafka import PartitionReader, TopicChangedError, topic_id
 from engine.definitions import FeatureView
 from featurestream.client import FeatureStore
+from featurestream.local.services import EphemeralServices, _free_port
 from featurestream.runtime import load_views
-from featurestream.services import EphemeralServices, _free_port
 from tests.support import (
     create_topic,
     make_runtime,

@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import re
 import signal
 import subprocess
 import sys
@@ -183,6 +184,9 @@ def test_bounded_two_processes_store_every_event_every_time(
         )
         assert proc.returncode == 0, f"run {attempt}:\n{proc.stdout}\n{proc.stderr}"
         _assert_exact(run, n)
+        # Each process reports what it read; together, every event once.
+        counts = re.findall(r"worker process \d: mp \(\w+\): ([\d,]+) events read", proc.stdout)
+        assert len(counts) == 2 and sum(int(c.replace(",", "")) for c in counts) == n, proc.stdout
 
 
 @pytest.mark.parametrize("stop", ["sigterm-to-run", "ctrl-c-to-group"])

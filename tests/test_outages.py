@@ -24,9 +24,9 @@ import pyarrow as pa
 import pytest
 from deltalake import write_deltalake
 
-from featurestream._processes import _free_port
+from featurestream.local.processes import _free_port
+from featurestream.local.services import EphemeralServices
 from featurestream.runtime import load_views
-from featurestream.services import EphemeralServices
 from tests.conftest import Services
 from tests.outage_helpers import (
     PASSWORD,

@@ -30,8 +30,8 @@ from connectors.kafka import DeadLetterProducer, ensure_topic
 from engine.dataflow import RuntimeConfig
 from engine.decode import DeadLetter
 from engine.errors import ServiceUnavailable
-from featurestream._processes import _free_port, _kafka_command, _kafka_env, _port_open, _tansu_bin
 from featurestream.client import FeatureStore
+from featurestream.local.processes import _free_port, _kafka_command, _kafka_env, _port_open, _tansu_bin
 from featurestream.runtime import load_views
 from tests.conftest import Services
 from tests.pipeline_faults_helpers import check_against_oracle, delta_positions

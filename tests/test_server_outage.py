@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import redis
 
-from featurestream._processes import _free_port, _redis_bin
+from featurestream.local.processes import _free_port, _redis_bin
 from tests.conftest import Services
 from tests.server_helpers import payment_events, serve, server_env, spend_view, wait_for, write_pipeline
 from tests.support import create_topic, make_runtime, produce, run_views, unique

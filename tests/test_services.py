@@ -18,7 +18,7 @@ from confluent_kafka.admin import AdminClient, NewTopic
 
 from engine.errors import ServiceUnavailable
 from featurestream.config import Settings
-from featurestream.services import (
+from featurestream.local.services import (
     EphemeralServices,
     embedded_status,
     ensure_services,
@@ -151,7 +151,7 @@ def test_unreachable_configured_redis_names_env_var(tmp_path: Path) -> None:
 _CALL = """
 import sys
 from featurestream.config import Settings
-from featurestream.services import ensure_services
+from featurestream.local.services import ensure_services
 eps = ensure_services(Settings(state_dir=sys.argv[1]))
 print(eps.kafka_bootstrap_servers, eps.redis_url)
 """

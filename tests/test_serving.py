@@ -14,7 +14,7 @@ from engine.definitions import Aggregation, Entity, EventSource, FeatureView, Fi
 from engine.metrics import DRIFT_PSI
 from featurestream.client import FeatureStore
 from featurestream.config import Settings
-from featurestream.serving import DriftWatch, served_views
+from featurestream.registered import DriftWatch, served_views
 from registry.core import Registry, RegistryError
 from registry.drift import capture_baseline, drift_history
 from registry.versions import apply, deprecate, retire

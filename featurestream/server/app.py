@@ -206,7 +206,7 @@ class FeatureServer:
         self._authorize(key, "read", [sel.view.name], request)
         wanted = request.query_params.get("features")
         if wanted:
-            by_name = {a.feature_name: a for a in sel.view.aggregations}
+            by_name = {a.feature_name: a for a in sel.view.features}
             for name in wanted.split(","):
                 if name not in by_name:
                     raise ApiError(
@@ -218,7 +218,7 @@ class FeatureServer:
                     )
                 sel.aggs.append(by_name[name])
         else:
-            sel.aggs.extend(sel.view.aggregations)
+            sel.aggs.extend(sel.view.features)
         sel.plan = sel.reader.plan(sel.aggs)
         block = await self.batcher.read(sel, [entity])
         answer = Answer([a.feature_name for a in sel.aggs], sel.aggs, block)

@@ -1,9 +1,10 @@
 """Which feature views the server serves, and how a request's feature references resolve.
 
 Bare names (``user_spend``) are the definitions in the served pipeline files; ``user_spend@2``
-is registered version 2, served until it is retired. The registry is re-read every
-``refresh_seconds`` in the background, so versions deprecated or retired after the server
-started are refused within that interval, without a restart.
+is registered version 2, served until it is retired. A view's features are its aggregations and
+its derived features (``view`` alone reads all of them, as the Python client does). The registry
+is re-read every ``refresh_seconds`` in the background, so versions deprecated or retired after
+the server started are refused within that interval, without a restart.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 
-from engine.definitions import Aggregation, FeatureView
+from engine.definitions import Aggregation, Derived, FeatureView
 from featurestream.server.errors import ApiError
 from featurestream.server.reads import Plan, ViewReader
 from registry.core import Registry, RegistryError
@@ -38,7 +39,7 @@ class Selection:
     ref: str
     view: FeatureView
     reader: ViewReader
-    aggs: list[Aggregation] = field(default_factory=list)
+    aggs: list[Aggregation | Derived] = field(default_factory=list)  # the features, derived included
     deprecation: str | None = None
     plan: Plan | None = None  # set once ``aggs`` is final
 
@@ -104,11 +105,11 @@ class Catalog:
             sel = out.get(view_ref) or self._select(view_ref, where, readable)
             out[view_ref] = sel
             if not feat:
-                wanted = list(sel.view.aggregations)
+                wanted = list(sel.view.features)
             else:
-                agg = next((a for a in sel.view.aggregations if a.feature_name == feat), None)
+                agg = next((a for a in sel.view.features if a.feature_name == feat), None)
                 if agg is None:
-                    names = [a.feature_name for a in sel.view.aggregations]
+                    names = list(sel.view.feature_names)
                     raise ApiError(
                         400,
                         "unknown_feature",

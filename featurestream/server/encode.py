@@ -13,7 +13,7 @@ import msgspec
 import numpy as np
 import pyarrow as pa
 
-from engine.definitions import Aggregation
+from engine.definitions import Aggregation, Derived
 from featurestream.server.reads import STATUSES, Block
 
 __all__ = ["ARROW", "Answer", "arrow_bytes", "arrow_table", "json_online", "json_vector"]
@@ -30,7 +30,7 @@ class Answer:
     """Features read for one request: output names, their aggregations and values."""
 
     names: list[str]
-    aggs: list[Aggregation]
+    aggs: list[Aggregation | Derived]
     block: Block  # stacked over every view of the request, in ``names`` order
 
 
@@ -126,7 +126,7 @@ def arrow_table(keys: dict[str, list[Any]], answer: Answer) -> pa.Table:
         cols[k] = pa.array(col if len(kinds) == 1 else [str(v) for v in col])
     for i, (name, agg) in enumerate(zip(answer.names, answer.aggs, strict=True)):
         row = b.values[i]
-        if agg.function == "count":
+        if getattr(agg, "function", None) == "count":  # derived features are floats
             cols[name] = pa.array(row.astype(np.int64))
         else:
             cols[name] = pa.array(row, pa.float64(), from_pandas=True)

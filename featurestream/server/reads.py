@@ -6,13 +6,16 @@ of a request's time for a single entity. Here the rows of every window are gathe
 combined with one :func:`engine.tiles.combine` call (group = entity x window), then each distinct
 (function, column) is finalized once. The rows, their order within each group, ``combine`` and
 ``finalize`` are the engine's own, so the values equal ``online_values`` (a test checks it).
+Derived features are evaluated afterwards by the engine's own :func:`engine.reads.with_derived`,
+on the aggregations they read (which join the same pass), so they equal the client's too.
 
 Status per value (the names Feast uses):
 
 * ``NOT_FOUND``: Redis holds nothing for the entity (never seen, or its keys expired).
 * ``OUTSIDE_MAX_AGE``: the entity's newest event is older than the view's TTL as of the read
   (``ttl``, default longest lookback + one tile): its state is stale, every window is empty.
-* ``NULL_VALUE``: the entity is live but this feature's window holds no value (a mean of nothing).
+* ``NULL_VALUE``: the entity is live but this feature's window holds no value (a mean of nothing),
+  or a derived feature is null (a null input, a division by zero).
 * ``PRESENT``: a value (0 is a value for ``count`` and ``sum``).
 """
 
@@ -23,8 +26,8 @@ from typing import Any
 
 import numpy as np
 
-from engine.definitions import Aggregation, FeatureView, duration_ms
-from engine.reads import _current_tiles
+from engine.definitions import Aggregation, Derived, FeatureView, duration_ms
+from engine.reads import _current_tiles, with_derived
 from engine.tiles import MAXTS, TILE, TileLayout, combine, event_time, finalize, window_tile_range
 
 __all__ = ["STATUSES", "Block", "Plan", "ReadCache", "ViewReader"]
@@ -63,8 +66,10 @@ class ViewReader:
         self._index = {a.feature_name: i for i, a in enumerate(view.aggregations)}
         self._full: Plan | None = None
 
-    def plan(self, aggs: list[Aggregation]) -> Plan:
-        """Index arrays to read ``aggs`` in one pass (made once per distinct request shape)."""
+    def plan(self, features: list[Aggregation | Derived]) -> Plan:
+        """Index arrays to read ``features`` in one pass (made once per distinct request shape).
+        The pass reads the aggregations requested and those derived features read, transitively."""
+        aggs = self._inputs(features)
         finals: dict[tuple[str, str | None], int] = {}
         times: dict[str | None, int] = {}
         first: list[Aggregation] = []
@@ -77,39 +82,69 @@ class ViewReader:
                 times[a.column] = len(times)
                 time_first.append(a)
         return Plan(
-            aggs=list(aggs),
+            features=list(features),
+            derived=any(isinstance(f, Derived) for f in features),
+            aggs=aggs,
             windows=sorted({self._window[a.feature_name] for a in aggs}),
             final_aggs=first,
             time_aggs=time_first,
             final_idx=np.array([finals[(a.function, a.column)] for a in aggs], np.int64),
             time_idx=np.array([times[a.column] for a in aggs], np.int64),
             window_idx=np.array([self._window[a.feature_name] for a in aggs], np.int64),
-            counts=np.array([a.function == "count" for a in aggs], bool),
+            counts=np.array([getattr(f, "function", None) == "count" for f in features], bool),
             feature_idx=np.array([self._index[a.feature_name] for a in aggs], np.int64),
         )
+
+    def _inputs(self, features: list[Aggregation | Derived]) -> list[Aggregation]:
+        """The aggregations among ``features``, then those their derived features read."""
+        if not any(isinstance(f, Derived) for f in features):
+            return list(features)  # type: ignore[arg-type]
+        out = {f.feature_name: f for f in features if isinstance(f, Aggregation)}
+        todo = [f for f in features if isinstance(f, Derived)]
+        seen = {f.name for f in todo}
+        while todo:
+            for name in todo.pop().inputs:
+                f = self.view.aggregation(name)
+                if isinstance(f, Aggregation):
+                    out.setdefault(name, f)
+                elif name not in seen:
+                    seen.add(name)
+                    todo.append(f)
+        return list(out.values())
 
     def read(
         self,
         blobs: list[bytes],
         at_ms: int,
-        aggs: list[Aggregation] | Plan,
+        features: list[Aggregation | Derived] | Plan,
         ids: list[str] | None = None,
         cache: ReadCache | None = None,
     ) -> Block:
-        """Values of ``aggs`` (or a :meth:`plan` of them) for the entities whose tile logs are
-        ``blobs``, as of ``at_ms``; with ``ids`` and a ``cache``, unchanged entities are not
-        recomputed within a tile."""
-        plan = aggs if isinstance(aggs, Plan) else self.plan(aggs)
+        """Values of ``features`` (or a :meth:`plan` of them) for the entities whose tile logs
+        are ``blobs``, as of ``at_ms``; with ``ids`` and a ``cache``, unchanged entities are not
+        recomputed within a tile (the cache holds aggregations; derived values are evaluated
+        from them on every read, so they can never disagree)."""
+        plan = features if isinstance(features, Plan) else self.plan(features)
         if ids is None or cache is None or not cache.enabled:
             values, times, has_data, newest = self._compute(blobs, at_ms, plan)
         else:
             values, times, has_data, newest = self._cached(ids, blobs, at_ms, plan, cache)
+        if plan.derived:
+            values, times = self._derive(plan, values, times)
         with np.errstate(invalid="ignore"):
             stale = has_data & (newest < at_ms - self.ttl_ms)
         status = np.where(np.isnan(values), NULL_VALUE, PRESENT).astype(np.int8)
         status[:, stale] = OUTSIDE_MAX_AGE
         status[:, ~has_data] = NOT_FOUND
         return Block(values, times, status, plan.counts)
+
+    def _derive(self, plan: Plan, values: np.ndarray, times: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(values, times) of ``plan.features`` from those of ``plan.aggs``, by the engine's
+        :func:`engine.reads.with_derived` (the same evaluation as the Python client's)."""
+        read = {a.feature_name: (values[i], times[i]) for i, a in enumerate(plan.aggs)}
+        found = with_derived(self.view, plan.features, lambda _aggs: read)
+        rows = [found[f.feature_name] for f in plan.features]
+        return np.stack([v for v, _ in rows]), np.stack([t for _, t in rows])
 
     def _cached(
         self, ids: list[str], blobs: list[bytes], at_ms: int, plan: Plan, cache: ReadCache
@@ -217,14 +252,16 @@ def _size(blob: bytes, value: Any) -> int:
 
 @dataclass(frozen=True)
 class Plan:
-    """How to read a list of aggregations of one view in one pass (see :meth:`ViewReader.plan`)."""
+    """How to read a list of features of one view in one pass (see :meth:`ViewReader.plan`)."""
 
-    aggs: list[Aggregation]
+    features: list[Aggregation | Derived]  # requested, in answer order
+    derived: bool  # some of ``features`` are derived: evaluated after ``aggs`` are read
+    aggs: list[Aggregation]  # read from the tiles: ``features``' own and their derived inputs
     windows: list[int]
     final_aggs: list[Aggregation]
     time_aggs: list[Aggregation]
     final_idx: np.ndarray
     time_idx: np.ndarray
     window_idx: np.ndarray
-    counts: np.ndarray
-    feature_idx: np.ndarray  # position of each in the view's aggregations
+    counts: np.ndarray  # per feature: a count (integer values)
+    feature_idx: np.ndarray  # position of each of ``aggs`` in the view's aggregations

@@ -141,8 +141,8 @@ def run(
     """Run a pipeline's feature views as a Bytewax dataflow (until stopped, or to the end with --bounded)."""
     from engine.dataflow import build_dataflow, run_dataflow
     from featurestream.config import Settings
+    from featurestream.registered import served_views, start_drift_watch
     from featurestream.runtime import load_views, metrics_port, prepare_topics, runtime_config, start_metrics
-    from featurestream.serving import served_views, start_drift_watch
 
     try:
         settings = Settings(bounded=bounded) if bounded else Settings()
@@ -198,7 +198,7 @@ def run(
 
 def _note_embedded_start(settings: Any) -> None:
     """Say so when a command is about to start embedded services (they outlive it)."""
-    from featurestream.services import embedded_status
+    from featurestream.local.services import embedded_status
 
     if settings.kafka_bootstrap_servers is not None and settings.redis_url is not None:
         return
@@ -312,9 +312,9 @@ def reset(
     """Drop a pipeline's online keys, offline tables and recovery snapshots, so that the next run
     recomputes them from its topics as they are now (after the broker lost its data)."""
     from featurestream.config import Settings
+    from featurestream.registered import served_views
     from featurestream.reset import apply_reset, plan_reset
     from featurestream.runtime import load_views
-    from featurestream.serving import served_views
 
     try:
         settings = Settings()
@@ -380,7 +380,7 @@ def _value(v: object) -> str:
 def services_up() -> None:
     """Start (or reuse) the embedded broker and Redis, and print their addresses."""
     from featurestream.config import Settings
-    from featurestream.services import broker_generation, ensure_services
+    from featurestream.local.services import broker_generation, ensure_services
 
     try:
         settings = Settings()
@@ -405,7 +405,7 @@ def services_up() -> None:
 def services_down() -> None:
     """Stop the embedded services."""
     from featurestream.config import Settings
-    from featurestream.services import stop_embedded
+    from featurestream.local.services import stop_embedded
 
     for line in stop_embedded(Settings()) or ["nothing was running"]:
         console.print(line)
@@ -416,7 +416,7 @@ def services_status() -> None:
     """Show the broker and Redis in use: configured ones, or the embedded ones and whether they answer."""
     from engine.redact import redact_text
     from featurestream.config import Settings
-    from featurestream.services import embedded_status
+    from featurestream.local.services import embedded_status
 
     settings = Settings()
     found = embedded_status(settings)
@@ -450,8 +450,4 @@ def services_status() -> None:
 
 
 for _area in ("registry", "lineage", "drift", "produce", "serve", "keys", "cdc", "doctor"):
-    importlib.import_module(f"featurestream.cli_{_area}").register(app)
-
-
-if __name__ == "__main__":
-    app()
+    importlib.import_module(f"featurestream.cli.{_area}").register(app)

@@ -36,10 +36,10 @@ def register(app: typer.Typer) -> None:
         POST /push/{source}; docs at /docs, health at /healthz and /readyz, metrics at /metrics."""
         import uvicorn
 
-        from featurestream.cli_registry import load_path
+        from featurestream.cli.registry import load_path
         from featurestream.config import Settings
+        from featurestream.local.services import ensure_services
         from featurestream.server import ServerConfig, ServerDeps, create_app
-        from featurestream.services import ensure_services
 
         settings = Settings()
         auth = settings.serve_auth and not no_auth

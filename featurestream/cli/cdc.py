@@ -43,9 +43,9 @@ def postgres(
     """Snapshot the tables, then stream their changes from a replication slot to Kafka, until
     SIGTERM or SIGINT (which finishes the current transaction, flushes and acknowledges)."""
     from connectors.postgres_cdc import CdcConfig, PostgresChangeSource, parse_tables
-    from featurestream.cli import _fail
+    from featurestream.cli.core import _fail
     from featurestream.config import Settings
-    from featurestream.services import ensure_services
+    from featurestream.local.services import ensure_services
 
     stop = threading.Event()
 

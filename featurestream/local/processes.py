@@ -1,7 +1,7 @@
 """Low-level process management for the embedded services.
 
 Free ports, the Tansu and redis-server binaries and their command lines, and starting, identifying
-and stopping detached server processes. :mod:`featurestream.services` decides what to run; this
+and stopping detached server processes. :mod:`featurestream.local.services` decides what to run; this
 module only runs it. Everything binds to 127.0.0.1 only.
 """
 

@@ -51,7 +51,7 @@ def _show(checks: list[Check]) -> None:
 
 
 def _embedded(settings: Settings, kind: str, label: str, env: str) -> Check:
-    from featurestream.services import embedded_status
+    from featurestream.local.services import embedded_status
 
     info = embedded_status(settings).get(kind)
     if info and info["answers"]:
@@ -67,7 +67,7 @@ def _embedded(settings: Settings, kind: str, label: str, env: str) -> Check:
 
 def _kafka(settings: Settings) -> Check:
     from engine.redact import redact_text
-    from featurestream.services import kafka_answers
+    from featurestream.local.services import kafka_answers
 
     env = "FEATURESTREAM_KAFKA_BOOTSTRAP_SERVERS"
     if settings.kafka_bootstrap_servers is None:
@@ -89,7 +89,7 @@ def _kafka(settings: Settings) -> Check:
 
 def _redis(settings: Settings) -> Check:
     from engine.redact import redact_text
-    from featurestream.services import redis_answers
+    from featurestream.local.services import redis_answers
 
     env = "FEATURESTREAM_REDIS_URL"
     if settings.redis_url is None:

@@ -32,7 +32,8 @@ from typing import Any
 
 from engine.errors import ServiceUnavailable
 from engine.redact import redact_text
-from featurestream._processes import (  # noqa: F401 (HOST, READY_TIMEOUT_S, _free_port: re-exported)
+from featurestream.config import Settings, config_file
+from featurestream.local.processes import (  # noqa: F401 (HOST, READY_TIMEOUT_S, _free_port: re-exported)
     _KAFKA_ENV,
     _REDIS_ENV,
     HOST,
@@ -50,7 +51,6 @@ from featurestream._processes import (  # noqa: F401 (HOST, READY_TIMEOUT_S, _fr
     _tansu_bin,
     _terminate,
 )
-from featurestream.config import Settings
 
 STATE_FILE = "services.json"
 LOCK_FILE = "services.lock"
@@ -279,19 +279,21 @@ def _check_configured(kind: str, address: str, kafka_config: dict[str, Any] | No
     if kind == "kafka":
         if not kafka_answers(address, CONFIGURED_PROBE_TIMEOUT_S, kafka_config):
             raise ServiceUnavailable(
-                f"Kafka at {address!r} (setting kafka_bootstrap_servers, env {_KAFKA_ENV}) did not "
+                f"Kafka at {address!r} (setting kafka_bootstrap_servers: env {_KAFKA_ENV} or "
+                f"{config_file()}) did not "
                 f"return metadata within {CONFIGURED_PROBE_TIMEOUT_S:.0f}s. Check that the broker "
                 "is running, that the value is host:port[,host:port] reachable from this machine "
                 "and that its advertised listeners resolve here, and the security settings in "
                 "kafka_config (env FEATURESTREAM_KAFKA_CONFIG); or unset "
-                f"{_KAFKA_ENV} to use the embedded broker."
+                "the setting to use the embedded broker."
             )
     elif not redis_answers(address, CONFIGURED_PROBE_TIMEOUT_S):
         raise ServiceUnavailable(
-            f"Redis at {redact_text(address)!r} (setting redis_url, env {_REDIS_ENV}) did not answer PING "
+            f"Redis at {redact_text(address)!r} (setting redis_url: env {_REDIS_ENV} or {config_file()}) "
+            "did not answer PING "
             f"within {CONFIGURED_PROBE_TIMEOUT_S:.0f}s. Check that redis-server is running, the "
             "URL is redis://host:port/db (password/TLS included if required) and the port is "
-            f"reachable from this machine; or unset {_REDIS_ENV} to use an embedded Redis."
+            "reachable from this machine; or remove the setting to use an embedded Redis."
         )
 
 
