@@ -10,6 +10,7 @@ the exit status is 1 if anything is lost or duplicated. Runs on a private broker
 ./run bench soak                                  # 5M events, 50 kills
 ./run bench soak --events 200000 --kills 10       # about a minute
 ./run bench soak --stop term                      # clean SIGTERM restarts, no recovery dir
+./run bench soak --processes 2                    # `featurestream run -p 2`, the group killed
 """
 
 from __future__ import annotations
@@ -42,10 +43,11 @@ def main(argv: list[str] | None = None) -> int:
         default=None,
         help="spread publishing over this many seconds (default: kills x 1.5; 0: as fast as possible)",
     )
+    ap.add_argument("--processes", type=int, default=1, help="worker processes (featurestream run -p N)")
     ap.add_argument("--seed", type=int, default=1)
     ap.add_argument("--keep", action="store_true", help="keep the work dir (worker logs, Delta)")
     args = ap.parse_args(argv)
-    for name in ("events", "kills", "partitions", "entities"):
+    for name in ("events", "kills", "partitions", "entities", "processes"):
         if getattr(args, name) < 1:
             ap.error(f"--{name} must be at least 1")
 
@@ -54,7 +56,8 @@ def main(argv: list[str] | None = None) -> int:
     how = f"kill -9, snapshots every {args.snapshot_seconds} s" if recovery else "SIGTERM, no recovery"
     print(
         f"soak: {args.events:,} events, {args.entities:,} entities round-robin over {args.partitions} "
-        f"partitions, at least {args.kills} stops ({how}); work dir {work}"
+        f"partitions, {args.processes} worker process(es), at least {args.kills} stops ({how}); "
+        f"work dir {work}"
     )
     with EphemeralServices(work / "services") as svc:
         t = time.perf_counter()
@@ -66,6 +69,7 @@ def main(argv: list[str] | None = None) -> int:
             args.partitions,
             recovery,
             snapshot_seconds=args.snapshot_seconds,
+            processes=args.processes,
         )
         print(f"generated events in {time.perf_counter() - t:.1f} s")
         produce_seconds = args.produce_seconds if args.produce_seconds is not None else 1.5 * args.kills
