@@ -230,7 +230,7 @@ def _reader_config(bootstrap: str, topic: str, config: Mapping[str, Any] | None)
     return {
         "group.id": f"featurestream-{topic}",
         "enable.partition.eof": False,
-        "fetch.wait.max.ms": 100,
+        "fetch.wait.max.ms": 10,
         "queued.min.messages": 200_000,
         "fetch.min.bytes": 1,
         **(config or {}),

@@ -155,7 +155,13 @@ class RedisOnlineStore:
         try:
             return [b or b"" for b in self.client.mget([namespace + e for e in entities])]
         except redis.RedisError as exc:
-            raise StoreError(f"online read from {redact_url(self.url)} failed: {exc}") from exc
+            hint = ""
+            if isinstance(exc, redis.ConnectionError):
+                hint = (
+                    "; is Redis running there? `featurestream services up` starts the embedded one "
+                    "(featurestream.connect() then finds it), `featurestream doctor` checks the settings"
+                )
+            raise StoreError(f"online read from {redact_url(self.url)} failed: {exc}{hint}") from exc
 
     def delete_namespace(self, namespace: str) -> int:
         """Drop every key of one view version (retiring it)."""

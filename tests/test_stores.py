@@ -192,3 +192,12 @@ def test_background_writer_keeps_order_and_surfaces_errors() -> None:
     with pytest.raises(StoreError, match="RuntimeError: store down"):  # not retried: a bug
         bad.drain()
     bad.close()  # raised once: a second raise while the dataflow unwinds would abort the process
+
+
+def test_read_from_a_redis_that_is_not_there_says_how_to_start_one() -> None:
+    s = RedisOnlineStore("redis://:secret@127.0.0.1:1/0", "x", socket_timeout=0.5)
+    with pytest.raises(StoreError) as err:
+        s.read_tiles("x:", ["u"])
+    text = str(err.value)
+    assert "featurestream services up" in text and "featurestream doctor" in text
+    assert "secret" not in text
