@@ -147,6 +147,19 @@ class OnlineEpochWatch:
     def due(self) -> bool:
         return time.monotonic() >= self.next_check
 
+    def lost_data(self, state: Any) -> bool:
+        """Whether the store lost what ``state`` (with ``online_epoch`` and ``entities``) wrote, so
+        every entity must be rewritten; records the store's new epoch in ``state``. Checks at
+        most every ``interval`` seconds."""
+        if not self.due():
+            return False
+        token = self.current()
+        if token is None or token == state.online_epoch:
+            return False
+        fresh = state.online_epoch is None and not state.entities  # nothing written yet
+        state.online_epoch = token
+        return not fresh
+
     def current(self) -> str | None:
         """The store's epoch token, or None when it cannot be asked now."""
         self.next_check = time.monotonic() + self.interval
@@ -167,14 +180,7 @@ class TileLogic(StatefulBatchLogic[ShardEvents, TimedUpdate, TileState]):
         self.watch = watch
 
     def _resync(self) -> list[TimedUpdate]:
-        if self.watch is None or not self.watch.due():
-            return []
-        token = self.watch.current()
-        if token is None or token == self.state.online_epoch:
-            return []
-        fresh = self.state.online_epoch is None and not self.state.entities
-        self.state.online_epoch = token
-        if fresh:
+        if self.watch is None or not self.watch.lost_data(self.state):
             return []
         update = self.state.resync()
         if update.entities:
@@ -209,6 +215,22 @@ class TileLogic(StatefulBatchLogic[ShardEvents, TimedUpdate, TileState]):
         return copy.deepcopy(self.state) if snapshots_wanted() else None
 
 
+def dead_letters(batches: Any, step: str, view: Any, runtime: RuntimeConfig) -> None:
+    """Route the dead letters of a source's batches (``batch.dead``) to the view's DLQ topic."""
+    dead = op.flat_map(f"{step}_dead", batches, lambda b: b.dead)
+    op.output(
+        f"{step}_dlq",
+        dead,
+        DeadLetterSink(
+            runtime.kafka_bootstrap_servers,
+            view.source.dlq_topic,
+            view.name,
+            view.version,
+            runtime.kafka_config,
+        ),
+    )
+
+
 def build_dataflow(
     views: list[FeatureView | TableView], runtime: RuntimeConfig, name: str = "featurestream"
 ) -> Dataflow:
@@ -237,18 +259,7 @@ def build_dataflow(
                 kafka_config=runtime.kafka_config,
             ),
         )
-        dead = op.flat_map(f"{v}_dead", batches, lambda b: b.dead)
-        op.output(
-            f"{v}_dlq",
-            dead,
-            DeadLetterSink(
-                runtime.kafka_bootstrap_servers,
-                view.source.dlq_topic,
-                view.name,
-                view.version,
-                runtime.kafka_config,
-            ),
-        )
+        dead_letters(batches, v, view, runtime)
         cols = view.columns
         rows = op.filter_map(
             f"{v}_rows",

@@ -18,6 +18,7 @@ the event source (:mod:`engine.flow_io`); the sinks are the event path's (:mod:`
 from __future__ import annotations
 
 import copy
+import functools
 import operator
 import time
 import zlib
@@ -44,7 +45,6 @@ from engine.flow_io import STOP
 from engine.metrics import DEAD_LETTERS, EVENTS_ACCEPTED, EVENTS_IN
 from engine.observe import HEALTH
 from engine.sinks import (
-    DeadLetterSink,
     OfflineSink,
     _index,
     _instrument,
@@ -106,7 +106,7 @@ class ChangeBatch:
         """The batch's moves per entity shard, in source order."""
         out: dict[str, list[Move]] = {}
         for m in self.moves:
-            out.setdefault(shard_key(_shard(m.entity, shards)), []).append(m)
+            out.setdefault(_entity_shard(m.entity, shards), []).append(m)
         return list(out.items())
 
     def rows(self, fields: tuple[Field, ...]) -> pa.Table:
@@ -277,6 +277,12 @@ def _shard(key: str, shards: int) -> int:
     return zlib.crc32(key.encode()) % shards
 
 
+@functools.lru_cache(maxsize=1 << 16)
+def _entity_shard(entity: str, shards: int) -> str:
+    """The shard key of an entity (cached: an entity's changes come again and again)."""
+    return shard_key(_shard(entity, shards))
+
+
 class _EntityLogic(StatefulBatchLogic[list[Move], TableUpdate, EntityTables]):
     """One entity shard's rows; emits the values of the entities each batch changed, and every
     entity's values when the online store lost its data."""
@@ -286,14 +292,7 @@ class _EntityLogic(StatefulBatchLogic[list[Move], TableUpdate, EntityTables]):
         self.watch = watch
 
     def _resync(self) -> list[TableUpdate]:
-        if not self.watch.due():
-            return []
-        token = self.watch.current()
-        if token is None or token == self.state.online_epoch:
-            return []
-        fresh = self.state.online_epoch is None and not self.state.entities
-        self.state.online_epoch = token
-        if fresh:
+        if not self.watch.lost_data(self.state):
             return []
         update = self.state.resync()
         return [update] if update.entities else []
@@ -350,22 +349,11 @@ class OnlineTableSink(FixedPartitionedSink[TableUpdate, None]):
 
 def add_table_view(flow: Dataflow, view: TableView, runtime: Any, offline: DeltaOfflineStore) -> None:
     """Add one table view's steps to ``flow`` (see module docstring)."""
-    from engine.dataflow import OnlineEpochWatch
+    from engine.dataflow import OnlineEpochWatch, dead_letters
 
     v = f"{view.name}_{view.version}"
     batches = op.input(f"{v}_source", flow, CdcKafkaSource(view, runtime.kafka_bootstrap_servers, runtime))
-    dead = op.flat_map(f"{v}_dead", batches, lambda b: b.dead)
-    op.output(
-        f"{v}_dlq",
-        dead,
-        DeadLetterSink(
-            runtime.kafka_bootstrap_servers,
-            view.source.dlq_topic,
-            view.name,
-            view.version,
-            runtime.kafka_config,
-        ),
-    )
+    dead_letters(batches, v, view, runtime)
     fields = view.source.fields
     rows = op.filter_map(
         f"{v}_rows", batches, lambda b: (partition_key(b.partition), b.rows(fields)) if b.op else None
