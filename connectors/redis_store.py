@@ -22,6 +22,7 @@ view's TTL without writes.
 from __future__ import annotations
 
 import secrets
+from collections.abc import Iterable, Iterator
 from typing import Any
 
 import numpy as np
@@ -111,10 +112,8 @@ class RedisOnlineStore:
 
     def write(self, namespace: str, updates: list[TileUpdate], ttl_ms: int, row_bytes: int) -> int:
         """Apply tile updates in order (each entity atomically); returns how many entity writes applied."""
-        head: list[Any] = [ttl_ms, namespace, self.guard_namespace(namespace)]
-        args: list[Any] = []
-        applied = 0
-        try:
+
+        def entries() -> Iterator[tuple[str, bytes, bytes, str]]:
             for update in updates:
                 blob = np.ascontiguousarray(update.rows, dtype="<f8").tobytes()
                 starts = (update.starts * row_bytes).tolist()
@@ -123,15 +122,30 @@ class RedisOnlineStore:
                 pos_blob = pos.tobytes()
                 modes = ["f"] * len(update) if update.force else np.where(update.rewrite, "r", "a").tolist()
                 for i, ent in enumerate(update.entities):
-                    args += [
+                    yield (
                         ent,
                         pos_blob[i * width : (i + 1) * width],
                         blob[starts[i] : starts[i + 1]],
                         modes[i],
-                    ]
-                    if len(args) >= _CHUNK_ARGS:
-                        applied += int(self._write(args=head + args))
-                        args = []
+                    )
+
+        return self.apply_guarded(namespace, ttl_ms, entries())
+
+    def apply_guarded(
+        self, namespace: str, ttl_ms: int, entries: Iterable[tuple[str, bytes, bytes, str]]
+    ) -> int:
+        """Run the guarded write script over ``(entity, positions, bytes, mode)`` entries, in order
+        and in chunks (mode ``a`` appends, ``r`` replaces, ``f`` replaces whatever the guard says);
+        returns how many entity writes applied."""
+        head: list[Any] = [ttl_ms, namespace, self.guard_namespace(namespace)]
+        args: list[Any] = []
+        applied = 0
+        try:
+            for entry in entries:
+                args += entry
+                if len(args) >= _CHUNK_ARGS:
+                    applied += int(self._write(args=head + args))
+                    args = []
             if args:
                 applied += int(self._write(args=head + args))
         except redis.RedisError as exc:

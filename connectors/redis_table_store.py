@@ -15,14 +15,12 @@ positions of everything applied, so the store converges to the state.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
-import redis
 
-from connectors.redis_store import _CHUNK_ARGS, RedisOnlineStore
-from engine.errors import StoreError
-from engine.redact import redact_url
+from connectors.redis_store import RedisOnlineStore
 from engine.table_state import TableUpdate, unpack
 
 __all__ = ["RedisTableStore"]
@@ -33,23 +31,15 @@ class RedisTableStore(RedisOnlineStore):
 
     def write_values(self, namespace: str, updates: list[TableUpdate], ttl_ms: int = 0) -> int:
         """Apply updates in order (each entity atomically); returns how many entity writes applied."""
-        head: list[Any] = [ttl_ms, namespace, self.guard_namespace(namespace)]
-        args: list[Any] = []
-        applied = 0
-        try:
+
+        def entries() -> Iterator[tuple[str, bytes, bytes, str]]:
             for update in updates:
                 pos = np.ascontiguousarray(update.positions, dtype="<f8")
                 mode = "f" if update.force else "r"
                 for i, ent in enumerate(update.entities):
-                    args += [ent, pos[i].tobytes(), update.blobs[i], mode]
-                    if len(args) >= _CHUNK_ARGS:
-                        applied += int(self._write(args=head + args))
-                        args = []
-            if args:
-                applied += int(self._write(args=head + args))
-        except redis.RedisError as exc:
-            raise StoreError(f"online write to {redact_url(self.url)} failed: {exc}") from exc
-        return applied
+                    yield ent, pos[i].tobytes(), update.blobs[i], mode
+
+        return self.apply_guarded(namespace, ttl_ms, entries())
 
     def read_values(self, namespace: str, entities: list[str]) -> list[tuple[int | None, list[Any] | None]]:
         """Each entity's (newest change time ms, values); (None, None) for an unknown entity."""
