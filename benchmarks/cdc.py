@@ -182,7 +182,8 @@ def generate(
 
 
 def _worker(view_json: str, runtime_json: str, out: Any) -> None:
-    """The worker process: run the view bounded; report elapsed seconds and peak RSS (MiB)."""
+    """The worker process: run the view bounded; report elapsed seconds, CPU seconds (every
+    thread) and peak RSS (MiB)."""
     from engine.dataflow import RuntimeConfig, build_dataflow, run_dataflow
 
     view = TableView.model_validate_json(view_json)
@@ -191,7 +192,8 @@ def _worker(view_json: str, runtime_json: str, out: Any) -> None:
     t = time.perf_counter()
     run_dataflow(flow, workers=1)
     elapsed = time.perf_counter() - t
-    out.put((elapsed, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024))
+    use = resource.getrusage(resource.RUSAGE_SELF)
+    out.put((elapsed, use.ru_utime + use.ru_stime, use.ru_maxrss / 1024))
 
 
 def oracle(rows: list[dict[str, Any]]) -> list[Any]:
@@ -280,13 +282,14 @@ def main(argv: list[str] | None = None) -> int:
         out = ctx.Queue()
         proc = ctx.Process(target=_worker, args=(view.model_dump_json(), runtime.model_dump_json(), out))
         proc.start()
-        elapsed, rss = out.get()
+        elapsed, cpu, rss = out.get()
         proc.join()
         if proc.exitcode:
             raise SystemExit(f"the worker exited with {proc.exitcode}")
         print(
             f"end to end (Kafka -> Redis + Delta), {args.partitions} partitions, 1 worker process: "
-            f"{args.changes / elapsed:,.0f} changes/s ({elapsed:.2f} s); peak RSS {rss:,.0f} MiB"
+            f"{args.changes / elapsed:,.0f} changes/s ({elapsed:.2f} s); worker CPU {cpu:.1f} s "
+            f"({cpu / args.changes * 1e6:.1f} µs per change); peak RSS {rss:,.0f} MiB"
         )
         store = FeatureStore([view], redis_url=svc.redis_url, delta_uri=str(work / "delta"))
         print(

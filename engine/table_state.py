@@ -30,7 +30,7 @@ from typing import Any, NamedTuple
 import msgspec
 import numpy as np
 
-from engine.table_definitions import TableFeature, TableView
+from engine.table_definitions import TableView
 
 __all__ = ["EntityTables", "Move", "RowGuard", "TableUpdate", "features_of", "pack", "unpack"]
 
@@ -119,15 +119,21 @@ def features_of(view: TableView, rows: Iterable[tuple[Any, ...]]) -> list[Any]:
     """The view's feature values over ``rows`` (tuples of ``view.columns``)."""
     rows = list(rows)
     index = {c: i for i, c in enumerate(view.columns)}
-    return [_feature(f, rows, index) for f in view.features]
+    present: dict[int, list[Any]] = {}  # a column's non-null values, shared by its features
+    out = []
+    for f in view.features:
+        if f.column is None:
+            out.append(len(rows))
+            continue
+        j = index[f.column]
+        vals = present.get(j)
+        if vals is None:
+            vals = present[j] = [r[j] for r in rows if r[j] is not None]
+        out.append(_feature(f.function, vals))
+    return out
 
 
-def _feature(f: TableFeature, rows: list[tuple[Any, ...]], index: dict[str, int]) -> Any:
-    if f.column is None:
-        return len(rows)
-    j = index[f.column]
-    vals = [r[j] for r in rows if r[j] is not None]
-    fn = f.function
+def _feature(fn: str, vals: list[Any]) -> Any:
     if fn == "count":
         return len(vals)
     if fn == "count_distinct":

@@ -126,6 +126,31 @@ def test_malformed_envelopes_are_dead_lettered_with_field_and_fix() -> None:
         assert "; " in detail and len(detail) <= 500  # ... and the fix
 
 
+@pytest.mark.parametrize(
+    ("raw_key", "pk"),
+    [
+        (b'{"id": 7}', "7"),
+        (b'{"id":7,"region":"eu"}', "7"),  # other columns are ignored
+        (b'{"schema": {"type": "struct"}, "payload": {"id": 7}}', "7"),  # wrapped
+        (b'{"schema": {"type": "struct"}, "payload": {"id": 7}, "id": 8}', "7"),  # the payload wins
+        (b'{"id": 7, "schema": {"type": "struct"}}', "7"),  # a column named schema: not wrapped
+        (b'{"id": 123456789012345678901234567890}', "123456789012345678901234567890"),  # beyond 64 bits
+        (b'{"id": true}', None),
+        (b'{"id": 7.0}', None),
+        (b'{"id": null}', None),
+        (b'{"schema": {}, "payload": [7]}', None),
+    ],
+)
+def test_message_keys_fast_and_general_path_agree(raw_key: bytes, pk: str | None) -> None:
+    """Keys are read by one typed call when bare, else by the general path that names the
+    problem: both give the same primary key or failure."""
+    out = decode([raw_key], [_env()])
+    if pk is None:
+        assert out.pk == [] and len(out.failures) == 1 and out.failures[0][2].startswith("key")
+    else:
+        assert out.failures == [] and out.pk == [pk]
+
+
 def test_definitions_fail_naming_field_and_fix() -> None:
     with pytest.raises(DefinitionError, match=r"primary_key: 'oid' is not in fields"):
         CdcSource(name="orders", topic="orders", primary_key=("oid",), fields=FIELDS)

@@ -5,7 +5,9 @@ Writes go to a real table in phases (snapshot, inserts, updates that move rows b
 customers, deletes, one bulk transaction with a primary-key change, then random writers while
 the change source and later the worker are killed with SIGKILL and restarted). After each phase
 the online values must equal an oracle computed by SQL over the table at that moment; at the
-end, a training set at each phase's time must equal that phase's oracle.
+end, a training set at each phase's last commit time (to the millisecond, the boundary included)
+must equal that phase's oracle, and one a millisecond before the bulk transaction's commit the
+oracle of the phase before it (a transaction is seen whole or not at all).
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from typing import Any
 
 import psycopg
 import pyarrow as pa
+import pyarrow.compute as pc
 import pytest
 from deltalake import DeltaTable
 
@@ -150,11 +153,10 @@ class Table:
                 if pause:
                     time.sleep(pause)
 
-    def oracle(self) -> tuple[datetime, dict[str, dict[str, Any]], dict[int, dict[str, Any]]]:
-        """The database's time now, and the features recomputed by SQL over the table."""
+    def oracle(self) -> tuple[dict[str, dict[str, Any]], dict[int, dict[str, Any]]]:
+        """The features of customers and orders, recomputed by SQL over the table now."""
         with self.pg.connect() as conn, conn.transaction():
             conn.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ")
-            now = conn.execute("SELECT clock_timestamp()").fetchone()[0]  # type: ignore[index]
             rows = conn.execute(
                 "SELECT customer_id, count(*), coalesce(sum(amount), 0)::float8, avg(amount)::float8, "
                 "min(amount)::float8, max(amount)::float8, count(DISTINCT status) "
@@ -171,7 +173,7 @@ class Table:
         per_order = {pk: {"status": None, "amount": None, "updated_at": None} for pk in self.ids}
         for pk, status, amount, at in orders:
             per_order[pk] = {"status": status, "amount": amount, "updated_at": at}
-        return now, per_customer, per_order
+        return per_customer, per_order
 
 
 def same(got: Any, want: Any) -> bool:
@@ -203,14 +205,14 @@ def online_diff(store: FeatureStore, want_c: dict[str, dict[str, Any]], want_o: 
 
 
 def settle(store: FeatureStore, table: Table, procs: dict[str, subprocess.Popen], logs: Path,
-           phase: str, timeout: float = 30) -> tuple[datetime, dict[str, dict[str, Any]]]:  # fmt: skip
-    """Wait until Redis equals the SQL oracle of the table now; the phase's time and oracle."""
-    now, want_c, want_o = table.oracle()
+           phase: str, timeout: float = 30) -> dict[str, dict[str, Any]]:  # fmt: skip
+    """Wait until Redis equals the SQL oracle of the table now; the customers' oracle."""
+    want_c, want_o = table.oracle()
     deadline = time.monotonic() + timeout
     while True:
         diff = online_diff(store, want_c, want_o)
         if not diff:
-            return now, want_c
+            return want_c
         for name, proc in procs.items():
             assert proc.poll() is None, f"{name} exited in {phase}: " + (logs / f"{name}.log").read_text()
         if time.monotonic() > deadline:
@@ -304,10 +306,13 @@ def test_postgres_to_redis_and_delta_through_kills(procs: Procs, services: Servi
     views = load_views(procs.pipeline)
     store = FeatureStore(views, redis_url=services.redis_url, delta_uri=str(procs.dir / "delta"),
                          redis_prefix=procs.env["FEATURESTREAM_REDIS_PREFIX"])  # fmt: skip
-    phases: list[tuple[str, datetime, dict[str, dict[str, Any]]]] = []
+    phases: list[tuple[str, int, dict[str, dict[str, Any]]]] = []  # (name, WAL position, oracle)
 
     def done(phase: str) -> None:
-        phases.append((phase, *settle(store, table, procs.running, procs.dir, phase)))
+        want = settle(store, table, procs.running, procs.dir, phase)
+        with pg.connect() as conn:  # where the next WAL record goes: the next phase's first change
+            wal = conn.execute("SELECT pg_current_wal_insert_lsn() - '0/0'").fetchone()[0]  # type: ignore[index]
+        phases.append((phase, int(wal), want))
 
     procs.wait_log("cdc", "streaming from slot")
     done("snapshot")
@@ -365,28 +370,40 @@ def test_postgres_to_redis_and_delta_through_kills(procs: Procs, services: Servi
     writer.join()
     done("worker killed")
 
-    # every phase, point in time, from Delta
+    # still equal a moment later: nothing arrives twice after settling
+    time.sleep(1.0)
+    want_c, want_o = table.oracle()
+    assert online_diff(store, want_c, want_o) == []
+    procs.stop()  # SIGTERM: the worker writes what it buffered to Delta, then exits
+    assert procs.running["worker"].returncode == 0, (procs.dir / "worker.log").read_text()
+
+    # each phase's time is its last commit's (the newest change before its WAL position), to the ms
+    log = DeltaTable(store.offline.table_uri(views[0].name, views[0].version)).to_pyarrow_table()
+    lsn = log["lsn"].to_pylist()
+    ts = pc.cast(log["event_ts"], pa.timestamp("ms", "UTC")).cast(pa.int64()).to_pylist()
+    at = [max(t for t, pos in zip(ts, lsn, strict=True) if pos < wal) for _, wal, _ in phases]
+    # every phase, point in time, from Delta; and a millisecond before the bulk transaction's
+    # commit, the table as before it (a transaction is seen whole or not at all)
+    bulk = next(i for i, p in enumerate(phases) if p[0] == "bulk transaction")
+    checks = [(name, t, want) for (name, _, want), t in zip(phases, at, strict=True)]
+    checks.append(("before the bulk commit", at[bulk] - 1, phases[bulk - 1][2]))
+    assert len({t for _, t, _ in checks}) == len(checks), "two phases in one millisecond"
     entity_df = pa.table(
         {
-            "customer_id": [c for _ in phases for c in CUSTOMERS],
-            "event_timestamp": pa.array(
-                [at for _, at, _ in phases for _ in CUSTOMERS], pa.timestamp("us", "UTC")
+            "customer_id": [c for _ in checks for c in CUSTOMERS],
+            "event_timestamp": pa.array([t for _, t, _ in checks for _ in CUSTOMERS], pa.int64()).cast(
+                pa.timestamp("ms", "UTC")
             ),
         }
     )
     training = store.get_training_set(entity_df, ["e2e_customer"]).to_pylist()
     i = 0
-    for phase, _, want in phases:
+    for phase, t, want in checks:
         for c in CUSTOMERS:
             got = {f: training[i][f"e2e_customer:{f}"] for f in CUSTOMER_FEATURES}
-            assert all(same(got[f], want[c][f]) for f in CUSTOMER_FEATURES), (phase, c, got, want[c])
+            assert all(same(got[f], want[c][f]) for f in CUSTOMER_FEATURES), (phase, t, c, got, want[c])
             i += 1
-    # still equal a moment later: nothing arrives twice after settling
-    time.sleep(1.0)
-    _, want_c, want_o = table.oracle()
-    assert online_diff(store, want_c, want_o) == []
     # the killed change source re-sent what it had not acknowledged: the log holds those
     # changes twice (at new offsets), and neither Redis nor the training sets counted them twice
-    log = DeltaTable(store.offline.table_uri(views[0].name, views[0].version)).to_pyarrow_table()
     changes = list(zip(log["pk"].to_pylist(), log["position"].to_pylist(), strict=True))
     assert len(set(changes)) < len(changes), "no change was re-sent: the kill was not mid-stream"
