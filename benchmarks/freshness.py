@@ -66,6 +66,14 @@ class Load(threading.Thread):
         self.stop_event = threading.Event()
         self.sent = 0
 
+    def _produce(self, key: bytes, value: bytes | str) -> None:
+        while True:  # a full client queue (the broker lags): wait for it instead of dying
+            try:
+                self.producer.produce(self.topic, key=key, value=value)
+                return
+            except BufferError:
+                self.producer.poll(0.01)
+
     def run(self) -> None:
         rng = np.random.default_rng(1)
         start = time.monotonic()
@@ -79,17 +87,13 @@ class Load(threading.Thread):
                 users = rng.integers(0, self.entities, due)
                 ms = int(time.time() * 1000)
                 for u in users.tolist():
-                    self.producer.produce(
-                        self.topic,
-                        key=f"u{u}".encode(),
-                        value=json.dumps({"user_id": f"u{u}", "sent": 0.0, "ts": ms}).encode(),
-                    )
+                    self._produce(f"u{u}".encode(), json.dumps({"user_id": f"u{u}", "sent": 0.0, "ts": ms}))
                 self.sent += due
             if now >= next_probe:
                 user = f"probe{probe % PROBES}"
                 sent = time.time()
                 value = json.dumps({"user_id": user, "sent": sent, "ts": int(sent * 1000)}).encode()
-                self.producer.produce(self.topic, key=user.encode(), value=value)
+                self._produce(user.encode(), value)
                 probe += 1
                 next_probe += self.probe_s
             self.producer.poll(0)

@@ -13,6 +13,7 @@ so any worker count or process count works with the same state layout.
 from __future__ import annotations
 
 import copy
+import gc
 import logging
 import os
 import signal
@@ -56,6 +57,7 @@ __all__ = [
     "run_dataflow",
     "snapshots_needed",
     "stop_on_signals",
+    "tune_gc",
 ]
 
 
@@ -215,6 +217,19 @@ class TileLogic(StatefulBatchLogic[ShardEvents, TimedUpdate, TileState]):
         return copy.deepcopy(self.state) if snapshots_wanted() else None
 
 
+def tune_gc() -> None:
+    """Collect young objects every 100k allocations instead of every 700.
+
+    The hot path allocates many short-lived objects per micro-batch (decoded events, changes),
+    almost none of them in cycles, so the default thresholds spend a large share of the time in
+    collections that find nothing (a quarter of a CDC run's CPU). State that lives long is frozen
+    out of the collector's view after a collection.
+    """
+    gc.collect()
+    gc.freeze()
+    gc.set_threshold(100_000, 50, 100)
+
+
 def dead_letters(batches: Any, step: str, view: Any, runtime: RuntimeConfig) -> None:
     """Route the dead letters of a source's batches (``batch.dead``) to the view's DLQ topic."""
     dead = op.flat_map(f"{step}_dead", batches, lambda b: b.dead)
@@ -367,6 +382,7 @@ def run_dataflow(
         partitions = workers * len(addresses or [""])
         recovery = None if recovery_dir is None else recovery_config(recovery_dir, partitions)
         snapshots_needed(recovery is not None)
+        tune_gc()
         cli_main(
             flow,
             workers_per_process=workers,

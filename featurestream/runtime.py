@@ -10,7 +10,7 @@ from pathlib import Path
 from bytewax.dataflow import Dataflow
 
 from connectors.kafka import ensure_topic, partition_count
-from engine.dataflow import RuntimeConfig, build_dataflow, snapshots_needed, stop_on_signals
+from engine.dataflow import RuntimeConfig, build_dataflow, snapshots_needed, stop_on_signals, tune_gc
 from engine.definitions import FeatureView
 from engine.errors import DefinitionError, ServiceUnavailable
 from engine.table_definitions import TableView
@@ -132,6 +132,7 @@ def dataflow(*views: FeatureView, settings: Settings | None = None) -> Dataflow:
 
     configure_logging()
     _tell_recovery_from_bytewax_run()
+    tune_gc()
     settings = settings or Settings()
     runtime = runtime_config(settings)
     served = served_views(list(views), settings)
