@@ -26,8 +26,9 @@ from bytewax.outputs import (
     StatelessSinkPartition,
 )
 
+from connectors.dead_letters import DeadLetterProducer
 from connectors.delta_store import DeltaOfflineStore
-from connectors.kafka import DeadLetterProducer, partition_count, partition_end, topic_id, topic_reset_error
+from connectors.kafka import partition_count, partition_end, topic_id, topic_reset_error
 from connectors.redis_store import RedisOnlineStore
 from engine.decode import DeadLetter
 from engine.definitions import FeatureView, duration_ms
@@ -159,7 +160,7 @@ class DeadLetterSink(DynamicSink[DeadLetter]):
 
     Payloads over ``max_value_bytes``/``max_key_bytes`` are truncated, broker outages retried,
     letters the broker refuses sent as headers only: see
-    :class:`~connectors.kafka.DeadLetterProducer`. A bad message never stops the flow.
+    :class:`~connectors.dead_letters.DeadLetterProducer`. A bad message never stops the flow.
     """
 
     def __init__(

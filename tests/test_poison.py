@@ -25,8 +25,9 @@ import pandas as pd
 import pytest
 from confluent_kafka import Producer
 
+from connectors.dead_letters import DeadLetterProducer
 from connectors.delta_store import DeltaOfflineStore
-from connectors.kafka import DeadLetterProducer, ensure_topic
+from connectors.kafka import ensure_topic
 from engine.dataflow import RuntimeConfig
 from engine.decode import DeadLetter
 from engine.errors import ServiceUnavailable
