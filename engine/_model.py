@@ -45,6 +45,24 @@ def _explain(kind: str, data: dict[str, Any], exc: ValidationError) -> str:
     return f"invalid {head}:\n" + "\n".join(lines)
 
 
+_TOPIC = re.compile(r"^[A-Za-z0-9._-]{1,249}$")
+
+
+def _check_topic(v: str) -> str:
+    if not _TOPIC.match(v):
+        raise ValueError(f"{v!r} is not a valid Kafka topic name; use letters, digits, '.', '_', '-'")
+    return v
+
+
+def _check_field_names(names: list[str], what: str, each: str | None = None) -> None:
+    """A source declares at least one ``what`` (a field, a column), each ``each`` once."""
+    if not names:
+        raise ValueError(f"fields: declare at least one {what}")
+    dupes = sorted({n for n in names if names.count(n) > 1})
+    if dupes:
+        raise ValueError(f"fields: {dupes} declared more than once; declare each {each or what} once")
+
+
 def _check_name(v: str) -> str:
     if not _NAME.match(v):
         raise ValueError(

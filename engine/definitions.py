@@ -17,7 +17,7 @@ from typing import Any, Literal
 
 from pydantic import field_validator, model_validator
 
-from engine._model import _check_name, _Definition
+from engine._model import _check_field_names, _check_name, _check_topic, _Definition
 from engine.aggregations import FUNCTIONS, Aggregation, Derived, DriftThresholds, Window  # noqa: F401 (re-exported)
 from engine.durations import duration_ms, format_duration, parse_duration
 from engine.errors import DefinitionError
@@ -105,18 +105,12 @@ class EventSource(_Definition):
     @field_validator("topic")
     @classmethod
     def _topic(cls, v: str) -> str:
-        if not re.match(r"^[A-Za-z0-9._-]{1,249}$", v):
-            raise ValueError(f"{v!r} is not a valid Kafka topic name; use letters, digits, '.', '_', '-'")
-        return v
+        return _check_topic(v)
 
     @model_validator(mode="after")
     def _schema(self) -> EventSource:
         names = [f.name for f in self.fields]
-        if not names:
-            raise ValueError("fields: declare at least one field")
-        dupes = sorted({n for n in names if names.count(n) > 1})
-        if dupes:
-            raise ValueError(f"fields: {dupes} declared more than once; declare each field once")
+        _check_field_names(names, "field")
         if self.timestamp_field in names:
             raise ValueError(
                 f"timestamp_field {self.timestamp_field!r} is also in fields; remove it from fields "

@@ -19,7 +19,7 @@ from typing import Any, Literal
 
 from pydantic import field_validator, model_validator
 
-from engine._model import _check_name, _Definition
+from engine._model import _check_field_names, _check_name, _check_topic, _Definition
 from engine.aggregations import DriftThresholds
 from engine.definitions import NUMERIC, Entity, Field
 from engine.durations import format_duration, parse_duration
@@ -53,18 +53,12 @@ class CdcSource(_Definition):
     @field_validator("topic")
     @classmethod
     def _topic(cls, v: str) -> str:
-        if not re.match(r"^[A-Za-z0-9._-]{1,249}$", v):
-            raise ValueError(f"{v!r} is not a valid Kafka topic name; use letters, digits, '.', '_', '-'")
-        return v
+        return _check_topic(v)
 
     @model_validator(mode="after")
     def _schema(self) -> CdcSource:
         names = [f.name for f in self.fields]
-        if not names:
-            raise ValueError("fields: declare at least one column of the table")
-        dupes = sorted({n for n in names if names.count(n) > 1})
-        if dupes:
-            raise ValueError(f"fields: {dupes} declared more than once; declare each column once")
+        _check_field_names(names, "column of the table", "column")
         if not self.primary_key:
             raise ValueError("primary_key: name the table's key columns, e.g. primary_key=('id',)")
         for key in self.primary_key:
