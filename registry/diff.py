@@ -5,7 +5,7 @@ it does not), so a stored definition and a proposed one compare the same way the
 
 * ``unchanged``: same canonical, same metadata.
 * ``metadata``: same canonical, other metadata: no new version, the stored one is edited in place.
-* ``additive``: the canonical part only gains aggregations or source fields (or reorders
+* ``additive``: the canonical part only gains aggregations, derived features or source fields (or reorders
   aggregations): a new version, and nothing existing consumers read changes meaning.
 * ``breaking``: anything else (a field's type or nullability, a removed or redefined aggregation,
   tiles, lateness, join keys, topic, timestamp): a new version whose values differ.
@@ -74,6 +74,8 @@ def classify(
             _source(old or {}, new or {}, breaking, additive)
         elif key == "aggregations":
             _aggregations(old or [], new or [], breaking, additive)
+        elif key == "derived":
+            _derived(old or [], new or [], breaking, additive)
         elif key == "entity":
             breaking.append(f"entity join keys: {_keys(old)} -> {_keys(new)}")
         elif key == "tile_ms":
@@ -143,6 +145,19 @@ def _aggregations(
     kept_new = [n for n in after if n in before]
     if kept_old != kept_new:
         additive.append("aggregations reordered (the tile layout changes; no feature's meaning does)")
+
+
+def _derived(old: list[list[str]], new: list[list[str]], breaking: list[str], additive: list[str]) -> None:
+    """A new derived feature adds a column; a changed or removed one changes what readers get."""
+    before, after = dict(old), dict(new)
+    for name, expression in before.items():
+        if name not in after:
+            breaking.append(f"derived {name}: removed")
+        elif after[name] != expression:
+            breaking.append(f"derived {name}: {expression} -> {after[name]}")
+    for name, expression in after.items():
+        if name not in before:
+            additive.append(f"derived {name}: added ({expression})")
 
 
 def _same_input(a: dict[str, Any], b: dict[str, Any]) -> bool:

@@ -13,7 +13,7 @@ from typing import Any
 import pytest
 from sqlalchemy import func, select
 
-from engine.definitions import Aggregation, DriftThresholds, Entity, FeatureView, Field, Window
+from engine.definitions import Aggregation, Derived, DriftThresholds, Entity, FeatureView, Field, Window
 from registry.core import Registry, RegistryError
 from registry.diff import diff_views
 from registry.schema import view_versions
@@ -92,6 +92,22 @@ def test_classification_rules_and_reasons() -> None:
     rekeyed = diff_views(card, keyed)
     assert rekeyed.kind == "breaking"
     assert rekeyed.reasons == ("entity join keys: user_id -> card", "entity name: user -> card")
+
+
+def test_derived_features_added_are_additive_and_changed_or_removed_are_breaking() -> None:
+    avg = Derived(name="avg_1h", expression="amount_sum_1h / events_count_1h")
+    base = make_view()
+    added = diff_views(base, make_view(derived=(avg,)))
+    assert added.kind == "additive"
+    assert added.reasons == ("derived avg_1h: added (amount_sum_1h / events_count_1h)",)
+    with_avg = make_view(derived=(avg,))
+    changed = diff_views(
+        with_avg, make_view(derived=(avg.model_copy(update={"expression": "amount_sum_1h"}),))
+    )
+    assert changed.kind == "breaking"
+    assert changed.reasons == ("derived avg_1h: amount_sum_1h / events_count_1h -> amount_sum_1h",)
+    removed = diff_views(with_avg, base)
+    assert removed.kind == "breaking" and removed.reasons == ("derived avg_1h: removed",)
 
 
 # --- apply / plan on both backends ----------------------------------------------------------------
