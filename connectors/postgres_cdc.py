@@ -54,100 +54,30 @@ from __future__ import annotations
 
 import json
 import logging
-import re
 import select
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import psycopg
-from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, KafkaException, Producer, TopicPartition
-from confluent_kafka.admin import NewTopic
+from confluent_kafka import KafkaError, Producer
 from psycopg import sql
 from psycopg.adapt import Loader
 
 from connectors import pgoutput as pgo
-from connectors.kafka import admin_client, ensure_topic, make_producer
-from engine.errors import FeaturestreamError
+from connectors.cdc_config import CdcConfig, CdcError, format_lsn, parse_lsn, parse_tables
+from connectors.cdc_state import ensure_state_topic, read_state, state_topic
+from connectors.debezium_format import VERSION, CdcTable, envelope, message_key
+from connectors.kafka import ensure_topic, make_producer
+from connectors.pg_catalog import prepare
 from engine.redact import redact_text
 
-__all__ = ["CdcConfig", "CdcError", "PostgresChangeSource", "format_lsn", "parse_tables"]
+__all__ = ["VERSION", "CdcConfig", "CdcError", "PostgresChangeSource", "format_lsn", "parse_tables"]
 
 log = logging.getLogger(__name__)
-VERSION = "2.7.3.Final"  # the Debezium envelope version this source writes (source.version)
-_STATE_SUFFIX = ".cdc-state"
-_SLOT_NAME = re.compile(r"[a-z0-9_]{1,63}")
-_TOPIC = re.compile(r"[A-Za-z0-9._-]{1,200}")
-
-
-class CdcError(FeaturestreamError):
-    """The change source cannot start or go on (configuration, permissions, Kafka delivery)."""
-
-
-def format_lsn(lsn: int) -> str:
-    """PostgreSQL's ``X/Y`` text of an LSN."""
-    return f"{lsn >> 32:X}/{lsn & 0xFFFFFFFF:X}"
-
-
-def _parse_lsn(text: str) -> int:
-    hi, lo = text.split("/")
-    return (int(hi, 16) << 32) | int(lo, 16)
-
-
-def parse_tables(spec: str | list[str]) -> list[tuple[str, str]]:
-    """``public.orders,customers`` -> ``[("public", "orders"), ("public", "customers")]``."""
-    items = spec.split(",") if isinstance(spec, str) else [t for s in spec for t in s.split(",")]
-    out: list[tuple[str, str]] = []
-    for raw in (i.strip() for i in items):
-        if not raw:
-            continue
-        parts = raw.split(".")
-        if len(parts) > 2 or not all(parts):
-            raise CdcError(f"tables: {raw!r} is not a table name; write schema.table, e.g. public.orders")
-        out.append((parts[0], parts[1]) if len(parts) == 2 else ("public", parts[0]))
-    if not out:
-        raise CdcError("tables: no table given; pass --tables schema.table[,schema.table...]")
-    return out
-
-
-@dataclass(frozen=True)
-class CdcConfig:
-    dsn: str
-    tables: list[tuple[str, str]]
-    kafka_bootstrap_servers: str
-    slot: str = "featurestream_cdc"
-    publication: str = "featurestream_cdc"
-    topic_prefix: str = "featurestream"
-    kafka_config: Mapping[str, Any] = field(default_factory=dict)
-    schemas: bool = False
-    set_replica_identity: bool = False
-    partitions: int = 1
-    status_interval: float = 1.0
-
-    def __post_init__(self) -> None:
-        if not _SLOT_NAME.fullmatch(self.slot):
-            raise CdcError(
-                f"slot: {self.slot!r} is not a replication slot name; use lower-case letters, digits "
-                "and underscores (at most 63)"
-            )
-        if not self.topic_prefix or not _TOPIC.fullmatch(self.topic_prefix):
-            raise CdcError(
-                f"topic_prefix: {self.topic_prefix!r} is not a Kafka topic prefix; use [A-Za-z0-9._-]"
-            )
-
-
-@dataclass
-class _Table:
-    schema: str
-    name: str
-    columns: tuple[pgo.Column, ...]
-    key: tuple[str, ...]
-    topic: str
-    schema_key: dict[str, Any] | None = None
-    schema_value: dict[str, Any] | None = None
 
 
 @dataclass
@@ -162,7 +92,7 @@ class PostgresChangeSource:
     def __init__(self, config: CdcConfig, echo: Callable[[str], None] | None = None) -> None:
         self.config = config
         self.echo = echo or (lambda line: log.info("%s", line))
-        self._tables: dict[tuple[str, str], _Table] = {}
+        self._tables: dict[tuple[str, str], CdcTable] = {}
         self._relations: dict[int, pgo.Relation] = {}
         self._txs: deque[_Tx] = deque()
         self._failure: str | None = None
@@ -170,8 +100,6 @@ class PostgresChangeSource:
         self.published = 0
         self._db = ""
         self._producer: Producer | None = None
-
-    # --- setup ---------------------------------------------------------------------------
 
     def _say(self, text: str) -> None:
         self.echo(redact_text(text))
@@ -181,95 +109,6 @@ class PostgresChangeSource:
             return psycopg.connect(self.config.dsn, autocommit=True, options="-c TimeZone=UTC")
         except psycopg.Error as exc:
             raise CdcError(f"dsn: cannot connect to PostgreSQL: {redact_text(str(exc))}") from None
-
-    def _prepare(self, conn: psycopg.Connection[Any]) -> None:
-        """Check wal_level, the tables' keys and replica identity; create or extend the publication."""
-        wal = conn.execute("SHOW wal_level").fetchone()
-        if not wal or wal[0] != "logical":
-            raise CdcError(
-                f"PostgreSQL has wal_level={wal[0] if wal else '?'}; logical replication needs "
-                "wal_level=logical (set it in postgresql.conf and restart the server)"
-            )
-        self._db = conn.execute("SELECT current_database()").fetchone()[0]  # type: ignore[index]
-        for schema, name in self.config.tables:
-            row = conn.execute(
-                "SELECT c.oid, c.relreplident FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace "
-                "WHERE n.nspname = %s AND c.relname = %s AND c.relkind IN ('r', 'p')",
-                (schema, name),
-            ).fetchone()
-            if row is None:
-                raise CdcError(f"tables: table {schema}.{name} does not exist; create it or fix --tables")
-            oid, ident = row
-            cols = conn.execute(
-                "SELECT a.attname, a.atttypid, a.atttypmod, "
-                "coalesce(a.attnum = ANY(i.indkey), false) FROM pg_attribute a "
-                "LEFT JOIN pg_index i ON i.indrelid = a.attrelid AND i.indisprimary "
-                "WHERE a.attrelid = %s AND a.attnum > 0 AND NOT a.attisdropped ORDER BY a.attnum",
-                (oid,),
-            ).fetchall()
-            keys = conn.execute(
-                "SELECT a.attname FROM pg_index i, unnest(i.indkey) WITH ORDINALITY k(attnum, ord) "
-                "JOIN pg_attribute a ON a.attnum = k.attnum "
-                "WHERE i.indrelid = %s AND i.indisprimary AND a.attrelid = %s ORDER BY k.ord",
-                (oid, oid),
-            ).fetchall()
-            if not keys:
-                raise CdcError(
-                    f"tables: {schema}.{name} has no primary key, which is the Kafka message key of "
-                    f"its change events; add one (ALTER TABLE {schema}.{name} ADD PRIMARY KEY (...))"
-                )
-            table = _Table(
-                schema,
-                name,
-                tuple(pgo.Column(c[0], int(c[1]), int(c[2]), bool(c[3])) for c in cols),
-                tuple(k[0] for k in keys),
-                f"{self.config.topic_prefix}.{schema}.{name}",
-            )
-            if self.config.schemas:
-                table.schema_key, table.schema_value = _connect_schemas(table, self.config.topic_prefix)
-            self._tables[(schema, name)] = table
-            if ident != "f":
-                self._replica_identity(conn, schema, name)
-        self._publication(conn)
-
-    def _replica_identity(self, conn: psycopg.Connection[Any], schema: str, name: str) -> None:
-        ident = sql.Identifier(schema, name)
-        if self.config.set_replica_identity:
-            try:
-                conn.execute(sql.SQL("ALTER TABLE {} REPLICA IDENTITY FULL").format(ident))
-                self._say(f"set REPLICA IDENTITY FULL on {schema}.{name}")
-                return
-            except psycopg.Error as exc:
-                self._say(f"warning: cannot set REPLICA IDENTITY FULL on {schema}.{name}: {exc}")
-        self._say(
-            f"warning: {schema}.{name} lacks REPLICA IDENTITY FULL, so updates carry no before image "
-            f"and deletes only the key; run ALTER TABLE {schema}.{name} REPLICA IDENTITY FULL "
-            "(or pass --set-replica-identity)"
-        )
-
-    def _publication(self, conn: psycopg.Connection[Any]) -> None:
-        pub = self.config.publication
-        exists = conn.execute("SELECT 1 FROM pg_publication WHERE pubname = %s", (pub,)).fetchone()
-        have = {
-            (r[0], r[1])
-            for r in conn.execute(
-                "SELECT schemaname, tablename FROM pg_publication_tables WHERE pubname = %s", (pub,)
-            ).fetchall()
-        }
-        missing = [t for t in self.config.tables if t not in have]
-        if exists and not missing:
-            return
-        names = sql.SQL(", ").join(sql.Identifier(s, t) for s, t in missing)
-        stmt = "ALTER PUBLICATION {} ADD TABLE {}" if exists else "CREATE PUBLICATION {} FOR TABLE {}"
-        try:
-            conn.execute(sql.SQL(stmt).format(sql.Identifier(pub), names))
-        except psycopg.Error as exc:
-            raise CdcError(
-                f"publication: cannot {'extend' if exists else 'create'} publication {pub!r}: {exc}. "
-                "Create it as the tables' owner (CREATE PUBLICATION ... FOR TABLE ...) or pass "
-                "--publication with an existing one"
-            ) from None
-        self._say(f"publication {pub}: {'added' if exists else 'created for'} {len(missing)} table(s)")
 
     # --- Kafka ------------------------------------------------------------------------------
 
@@ -319,108 +158,32 @@ class PostgresChangeSource:
         if left:
             raise CdcError(f"Kafka did not acknowledge {left} event(s) within {timeout:.0f}s")
 
-    def _state_topic(self) -> str:
-        return self.config.topic_prefix + _STATE_SUFFIX
-
-    def _ensure_state_topic(self) -> None:
-        """The state topic, compacted: its latest record per slot must outlive any retention."""
-        topic = self._state_topic()
-        admin = admin_client(self.config.kafka_bootstrap_servers, self.config.kafka_config)
-        if topic in admin.list_topics(timeout=10).topics:
-            return
-        futures = admin.create_topics(
-            [NewTopic(topic, num_partitions=1, replication_factor=-1, config={"cleanup.policy": "compact"})]
-        )
-        try:
-            futures[topic].result(10)
-        except KafkaException as exc:
-            if exc.args[0].code() != KafkaError.TOPIC_ALREADY_EXISTS:
-                raise CdcError(f"cannot create the state topic {topic}: {exc}") from None
-        ensure_topic(self.config.kafka_bootstrap_servers, topic, 1, config=self.config.kafka_config)
-
-    def _read_state(self) -> dict[str, Any] | None:
-        """The latest state record of this slot (``None`` if none)."""
-        topic = self._state_topic()
-        consumer = Consumer(
-            {
-                **self.config.kafka_config,
-                "bootstrap.servers": self.config.kafka_bootstrap_servers,
-                "group.id": "featurestream-cdc-state",
-                "enable.auto.commit": False,
-            }
-        )
-        try:
-            _low, high = consumer.get_watermark_offsets(TopicPartition(topic, 0), timeout=10)
-            consumer.assign([TopicPartition(topic, 0, OFFSET_BEGINNING)])
-            latest, last_offset = None, -1
-            # To the high watermark, then on until nothing more comes (a broker may report the
-            # watermark before its newest batch is readable).
-            while True:
-                msgs = consumer.consume(500, 5.0 if last_offset < high - 1 else 0.5)
-                if not msgs:
-                    if last_offset < high - 1:
-                        raise CdcError(f"cannot read the state topic {topic} to its end ({high})")
-                    return latest
-                for m in msgs:
-                    if m.error() is not None:
-                        continue
-                    last_offset = max(last_offset, m.offset())
-                    if m.key() == self.config.slot.encode() and m.value():
-                        latest = json.loads(m.value())
-        finally:
-            consumer.close()
-
     def _write_state(self, status: str, **extra: Any) -> None:
         tx = _Tx()
         body = json.dumps({"slot": self.config.slot, "status": status, **extra}).encode()
-        self._send(self._state_topic(), self.config.slot.encode(), body, tx, count=False)
+        self._send(state_topic(self.config), self.config.slot.encode(), body, tx, count=False)
         self._drain()
 
     # --- events -----------------------------------------------------------------------------
 
-    def _envelope(
-        self,
-        table: _Table,
-        op: str,
-        before: dict[str, Any] | None,
-        after: dict[str, Any] | None,
-        *,
-        lsn: int,
-        ts_ms: int,
-        tx_id: int | None,
-        snapshot: str,
-        commit: int | None,
-    ) -> bytes:
-        payload = {
-            "before": before,
-            "after": after,
-            "source": {
-                "version": VERSION,
-                "connector": "postgresql",
-                "name": self.config.topic_prefix,
-                "ts_ms": ts_ms,
-                "snapshot": snapshot,
-                "db": self._db,
-                "sequence": json.dumps([None if commit is None else str(commit), str(lsn)]),
-                "schema": table.schema,
-                "table": table.name,
-                "txId": tx_id,
-                "lsn": lsn,
-                "xmin": None,
-            },
-            "op": op,
-            "ts_ms": int(time.time() * 1000),
-            "transaction": None,
-        }
-        body = {"schema": table.schema_value, "payload": payload} if self.config.schemas else payload
-        return json.dumps(body, separators=(",", ":")).encode()
+    def _envelope(self, table: CdcTable, op: str, before: Any, after: Any, **position: Any) -> bytes:
+        return envelope(
+            table,
+            op,
+            before,
+            after,
+            server_name=self.config.topic_prefix,
+            db=self._db,
+            schemas=self.config.schemas,
+            **position,
+        )
 
-    def _key(self, table: _Table, row: dict[str, Any]) -> bytes:
-        key = {k: row[k] for k in table.key}
-        body = {"schema": table.schema_key, "payload": key} if self.config.schemas else key
-        return json.dumps(body, separators=(",", ":")).encode()
+    def _key(self, table: CdcTable, row: dict[str, Any]) -> bytes:
+        return message_key(table, row, self.config.schemas)
 
-    def _row(self, table: _Table, values: list[Any], relation: pgo.Relation | None = None) -> dict[str, Any]:
+    def _row(
+        self, table: CdcTable, values: list[Any], relation: pgo.Relation | None = None
+    ) -> dict[str, Any]:
         cols = relation.columns if relation is not None else table.columns
         return {c.name: pgo.convert(c, v) for c, v in zip(cols, values, strict=True)}
 
@@ -529,11 +292,11 @@ class PostgresChangeSource:
         import psycopg2.extras
 
         with self._connect() as conn:
-            self._prepare(conn)
+            self._db, self._tables = prepare(conn, self.config, self._say)
             kafka, extra = self.config.kafka_bootstrap_servers, self.config.kafka_config
             for t in self._tables.values():
                 ensure_topic(kafka, t.topic, self.config.partitions, config=extra)
-            self._ensure_state_topic()
+            ensure_state_topic(self.config)
             slot = conn.execute(
                 "SELECT plugin, database FROM pg_replication_slots WHERE slot_name = %s", (self.config.slot,)
             ).fetchone()
@@ -542,7 +305,7 @@ class PostgresChangeSource:
                     f"slot: replication slot {self.config.slot!r} exists for plugin {slot[0]} in "
                     f"database {slot[1]}; pass --slot with another name"
                 )
-            state = self._read_state() if slot is not None else None
+            state = read_state(self.config) if slot is not None else None
             if slot is not None and (state is None or state.get("status") != "done"):
                 self._say(f"slot {self.config.slot}: its snapshot did not finish; starting over")
                 conn.execute("SELECT pg_drop_replication_slot(%s)", (self.config.slot,))
@@ -567,7 +330,7 @@ class PostgresChangeSource:
                         "SELECT restart_lsn::text FROM pg_replication_slots WHERE slot_name = %s",
                         (self.config.slot,),
                     ).fetchone()
-                snap_lsn = _parse_lsn(restart[0]) if restart and restart[0] else _parse_lsn(consistent)
+                snap_lsn = parse_lsn(restart[0]) if restart and restart[0] else parse_lsn(consistent)
                 self._say(
                     f"slot {self.config.slot} created at {consistent}; "
                     f"snapshot of {len(self._tables)} table(s)"
@@ -651,7 +414,7 @@ class PostgresChangeSource:
                     "SELECT confirmed_flush_lsn::text FROM pg_replication_slots WHERE slot_name = %s",
                     (self.config.slot,),
                 ).fetchone()
-                if row and row[0] and _parse_lsn(row[0]) >= self.acked_lsn:
+                if row and row[0] and parse_lsn(row[0]) >= self.acked_lsn:
                     return
                 time.sleep(0.05)
         self._say("warning: PostgreSQL did not confirm the last position in time; a restart may resend")
@@ -662,89 +425,3 @@ class _AsText(Loader):
 
     def load(self, data: Any) -> str:
         return bytes(data).decode("utf-8")
-
-
-def _connect_schemas(table: _Table, prefix: str) -> tuple[dict[str, Any], dict[str, Any]]:
-    """Kafka Connect schemas of a table's key and envelope, as Debezium's JsonConverter writes them."""
-    base = f"{prefix}.{table.schema}.{table.name}"
-
-    def fld(col: pgo.Column, optional: bool) -> dict[str, Any]:
-        kind, name = pgo.connect_type(col)
-        out: dict[str, Any] = {"type": kind, "optional": optional}
-        if name:
-            out["name"] = name
-            out["version"] = 1
-        out["field"] = col.name
-        return out
-
-    key = {
-        "type": "struct",
-        "fields": [fld(c, False) for c in table.columns if c.name in table.key],
-        "optional": False,
-        "name": f"{base}.Key",
-    }
-    row = {
-        "type": "struct",
-        "fields": [fld(c, c.name not in table.key) for c in table.columns],
-        "optional": True,
-        "name": f"{base}.Value",
-    }
-
-    def simple(name: str, kind: str, optional: bool = False) -> dict[str, Any]:
-        return {"type": kind, "optional": optional, "field": name}
-
-    source = {
-        "type": "struct",
-        "fields": [
-            simple("version", "string"),
-            simple("connector", "string"),
-            simple("name", "string"),
-            simple("ts_ms", "int64"),
-            {
-                "type": "string",
-                "optional": True,
-                "name": "io.debezium.data.Enum",
-                "version": 1,
-                "parameters": {"allowed": "true,last,false,incremental"},
-                "default": "false",
-                "field": "snapshot",
-            },
-            simple("db", "string"),
-            simple("sequence", "string", True),
-            simple("schema", "string"),
-            simple("table", "string"),
-            simple("txId", "int64", True),
-            simple("lsn", "int64", True),
-            simple("xmin", "int64", True),
-        ],
-        "optional": False,
-        "name": "io.debezium.connector.postgresql.Source",
-        "field": "source",
-    }
-    transaction = {
-        "type": "struct",
-        "fields": [
-            simple("id", "string"),
-            simple("total_order", "int64"),
-            simple("data_collection_order", "int64"),
-        ],
-        "optional": True,
-        "name": "event.block",
-        "version": 1,
-        "field": "transaction",
-    }
-    value = {
-        "type": "struct",
-        "fields": [
-            {**row, "field": "before"},
-            {**row, "field": "after"},
-            source,
-            simple("op", "string"),
-            simple("ts_ms", "int64", True),
-            transaction,
-        ],
-        "optional": False,
-        "name": f"{base}.Envelope",
-        "version": 1,
-    }
-    return key, value
