@@ -16,7 +16,7 @@ import pytest
 import redis
 
 from engine.dataflow import RuntimeConfig
-from featurestream.local.services import EphemeralServices
+from featurestream.local.ephemeral import EphemeralServices
 from tests.support import create_topic, make_runtime, unique
 
 

@@ -21,7 +21,8 @@ from connectors.delta_store import DeltaOfflineStore
 from connectors.kafka import PartitionReader, TopicChangedError, topic_id
 from engine.definitions import FeatureView
 from featurestream.client import FeatureStore
-from featurestream.local.services import EphemeralServices, _free_port
+from featurestream.local.ephemeral import EphemeralServices
+from featurestream.local.services import _free_port
 from featurestream.runtime import load_views
 from tests.support import (
     create_topic,

@@ -24,8 +24,8 @@ import pyarrow as pa
 import pytest
 from deltalake import write_deltalake
 
+from featurestream.local.ephemeral import EphemeralServices
 from featurestream.local.processes import _free_port
-from featurestream.local.services import EphemeralServices
 from featurestream.runtime import load_views
 from tests.conftest import Services
 from tests.outage_helpers import (

@@ -27,7 +27,7 @@ from engine.errors import DefinitionError, FeaturestreamError, ServiceUnavailabl
 from featurestream import InvalidEvent, Producer
 from featurestream.client import FeatureStore
 from featurestream.config import Settings
-from featurestream.local.services import EphemeralServices
+from featurestream.local.ephemeral import EphemeralServices
 from featurestream.producer import Delivery, DeliveryError
 from tests.conftest import Services
 from tests.support import run_views, unique
