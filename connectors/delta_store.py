@@ -156,7 +156,7 @@ class DeltaOfflineStore:
     def read(
         self,
         uri: str,
-        entities: list[str] | None = None,
+        entities: list[str] | pa.Array | None = None,
         start: datetime | None = None,
         end: datetime | None = None,
         columns: list[str] | None = None,
@@ -178,7 +178,8 @@ class DeltaOfflineStore:
         data = table.to_pyarrow_table(filters=filters or None, columns=columns)
         mask = None
         if entities is not None:
-            mask = pc.is_in(data.column("entity"), value_set=pa.array(entities, pa.string()))
+            wanted = entities if isinstance(entities, pa.Array) else pa.array(entities, pa.string())
+            mask = pc.is_in(data.column("entity"), value_set=wanted)
         if start is not None:
             m = pc.greater_equal(data.column("event_ts"), pa.scalar(start, pa.timestamp("ms", "UTC")))
             mask = m if mask is None else pc.and_(mask, m)

@@ -225,11 +225,17 @@ def _reader_config(bootstrap: str, topic: str, config: Mapping[str, Any] | None)
     return {
         "group.id": f"featurestream-{topic}",
         "enable.partition.eof": False,
-        # Tansu answers a fetch with no data only after this wait; 10 ms halved the median
-        # freshness at 1k events/s there but cost far more at 10k/s. FEATURESTREAM_KAFKA_CONFIG
-        # can set it (Apache Kafka answers as soon as data arrives).
+        # Tansu answers a fetch with no data only after this wait, and each fetch costs it CPU:
+        # at 10 ms a worker's readers made it use twice the CPU, which on a small machine starves
+        # the worker (10k events/s got slower, not faster); see docs/performance.md.
+        # FEATURESTREAM_KAFKA_CONFIG can set it (Apache Kafka answers as soon as data arrives).
         "fetch.wait.max.ms": 100,
-        "queued.min.messages": 200_000,
+        # Prefetch per partition reader: about one micro-batch (batch_size 20k events), not more.
+        # librdkafka holds every prefetched message with a few hundred bytes of overhead besides
+        # its payload: 200k messages (64 MiB) in each reader were ~290 MiB of a worker's peak RSS
+        # while catching up on 1M events, with no gain in throughput (docs/performance.md).
+        "queued.min.messages": 20_000,
+        "queued.max.messages.kbytes": 4_096,
         "fetch.min.bytes": 1,
         **(config or {}),
         # Positions are the dataflow's: never committed, never moved by the client on its own.

@@ -7,13 +7,22 @@ Layout, per view version (``ns`` = ``{prefix}:{view}:{version}``):
   log grows past twice the live tiles, which bounds it and drops evicted tiles.
 - ``{ns}#g:{entity}``: the entity's guard, its position vector (packed float64, the highest
   applied offset per source partition, -1 for none).
+- ``{ns}#o:{entity}``: for views with object aggregations (``first``, ``last_n``,
+  ``count_distinct``, ``percentile``, ``top_k``...), the entity's log of object-tile records
+  (engine.object_tiles), appended and rewritten together with its tile rows, in the same
+  guarded script call, so the same guarantee covers it.
+- ``{ns}#lost``: entities whose keys expired (their TTL ran out while the worker was down or
+  behind) when an append reached them: the script refuses such an append, since the tiles it
+  does not carry would be missing, and adds the entity here; the dataflow then rewrites it
+  from its state (``engine.dataflow.OnlineEpochWatch``).
 - ``{ns}#epoch``: a random token naming this copy of the store's data. If Redis loses its data
   (restarted without persistence, flushed), the token is gone; the dataflow notices, makes a new
   one and rewrites every entity from its state, so the store converges again.
 
 Delivery: effectively-once per entity. A write is applied, in a Lua script, unless every position
 in it is at or below the guard's (then it replays what the store already holds), whatever the
-partitioning of the entity's events; a forced resync is always applied. After a restart the
+partitioning of the entity's events; a forced resync is always applied; an append to an entity whose keys expired is refused and
+the entity rewritten (``{ns}#lost`` above). After a restart the
 first write of an entity may interleave partitions differently, but every tile is rewritten
 once its events are applied again, so the store converges to the state. Keys expire after the
 view's TTL without writes.
@@ -50,11 +59,15 @@ local function newer(new, old)
   end
   return false
 end
+local lost = string.sub(guards, 1, #guards - 3) .. '#lost'
 local applied = 0
 for i = 4, #ARGV, 4 do
   local entity, pos, rows, mode = ARGV[i], ARGV[i + 1], ARGV[i + 2], ARGV[i + 3]
   local key, guard = tiles .. entity, guards .. entity
-  if mode == 'f' or newer(pos, redis.call('GET', guard)) then
+  local old = redis.call('GET', guard)
+  if mode == 'a' and (not old or redis.call('EXISTS', key) == 0) then
+    redis.call('SADD', lost, entity)
+  elseif mode == 'f' or newer(pos, old) then
     if mode == 'a' then
       redis.call('APPEND', key, rows)
     else
@@ -70,6 +83,28 @@ for i = 4, #ARGV, 4 do
 end
 return applied
 """
+
+# The same script with a fifth argument per entity: its object-tile records, written like its rows.
+_WRITE_OBJECTS = (
+    _WRITE.replace(
+        "local tiles, guards = ARGV[2], ARGV[3]", "local tiles, guards, objs = ARGV[2], ARGV[3], ARGV[4]"
+    )
+    .replace("for i = 4, #ARGV, 4 do", "for i = 5, #ARGV, 5 do")
+    .replace(
+        "local entity, pos, rows, mode = ARGV[i], ARGV[i + 1], ARGV[i + 2], ARGV[i + 3]",
+        "local entity, pos, rows, mode, recs = ARGV[i], ARGV[i + 1], ARGV[i + 2], ARGV[i + 3], ARGV[i + 4]",
+    )
+    .replace(
+        "    redis.call('SET', guard, pos)\n",
+        "    if mode == 'a' then\n"
+        "      if #recs > 0 then redis.call('APPEND', objs .. entity, recs) end\n"
+        "    else\n"
+        "      redis.call('SET', objs .. entity, recs)\n"
+        "    end\n"
+        "    if ttl > 0 then redis.call('PEXPIRE', objs .. entity, ttl) end\n"
+        "    redis.call('SET', guard, pos)\n",
+    )
+)
 
 _CHUNK_ARGS = 4 * 2048  # entities per script call: bounds the time Redis is blocked by one call
 
@@ -91,6 +126,7 @@ class RedisOnlineStore:
             url, socket_timeout=socket_timeout, socket_connect_timeout=connect_timeout
         )
         self._write = self.client.register_script(_WRITE)
+        self._write_objects = self.client.register_script(_WRITE_OBJECTS)
 
     def ping(self) -> None:
         try:
@@ -110,8 +146,15 @@ class RedisOnlineStore:
     def guard_namespace(namespace: str) -> str:
         return namespace[:-1] + "#g:"
 
+    @staticmethod
+    def objects_namespace(namespace: str) -> str:
+        return namespace[:-1] + "#o:"
+
     def write(self, namespace: str, updates: list[TileUpdate], ttl_ms: int, row_bytes: int) -> int:
         """Apply tile updates in order (each entity atomically); returns how many entity writes applied."""
+
+        if any(u.objects is not None for u in updates):
+            return self._write_with_objects(namespace, updates, ttl_ms, row_bytes)
 
         def entries() -> Iterator[tuple[str, bytes, bytes, str]]:
             for update in updates:
@@ -130,6 +173,40 @@ class RedisOnlineStore:
                     )
 
         return self.apply_guarded(namespace, ttl_ms, entries())
+
+    def _write_with_objects(
+        self, namespace: str, updates: list[TileUpdate], ttl_ms: int, row_bytes: int
+    ) -> int:
+        """:meth:`write` for views with object aggregations: rows and records in one script call."""
+        head: list[Any] = [ttl_ms, namespace, self.guard_namespace(namespace)]
+        head.append(self.objects_namespace(namespace))
+        applied = 0
+        args: list[Any] = []
+        try:
+            for update in updates:
+                blob = np.ascontiguousarray(update.rows, dtype="<f8").tobytes()
+                starts = (update.starts * row_bytes).tolist()
+                pos = np.ascontiguousarray(update.positions, dtype="<f8")
+                width = pos.shape[1] * 8
+                pos_blob = pos.tobytes()
+                modes = ["f"] * len(update) if update.force else np.where(update.rewrite, "r", "a").tolist()
+                objects = update.objects or [b""] * len(update)
+                for i, ent in enumerate(update.entities):
+                    args += (
+                        ent,
+                        pos_blob[i * width : (i + 1) * width],
+                        blob[starts[i] : starts[i + 1]],
+                        modes[i],
+                        objects[i],
+                    )
+                    if len(args) >= _CHUNK_ARGS:
+                        applied += int(self._write_objects(args=head + args))
+                        args = []
+            if args:
+                applied += int(self._write_objects(args=head + args))
+        except redis.RedisError as exc:
+            raise StoreError(f"online write to {redact_url(self.url)} failed: {exc}") from exc
+        return applied
 
     def apply_guarded(
         self, namespace: str, ttl_ms: int, entries: Iterable[tuple[str, bytes, bytes, str]]
@@ -162,6 +239,33 @@ class RedisOnlineStore:
             raise StoreError(f"online epoch check at {redact_url(self.url)} failed: {exc}") from exc
         return token.decode() if token else ""
 
+    @staticmethod
+    def lost_key(namespace: str) -> str:
+        return namespace[:-1] + "#lost"
+
+    def epoch_and_lost(self, namespace: str) -> tuple[str, set[str]]:
+        """The namespace's epoch token (see :meth:`epoch`) and the entities whose appends were
+        refused because their keys had expired, in one round trip."""
+        key = namespace[:-1] + "#epoch"
+        try:
+            pipe = self.client.pipeline(transaction=False)
+            pipe.set(key, secrets.token_hex(8), nx=True)
+            pipe.get(key)
+            pipe.smembers(self.lost_key(namespace))
+            _, token, lost = pipe.execute()
+        except redis.RedisError as exc:
+            raise StoreError(f"online epoch check at {redact_url(self.url)} failed: {exc}") from exc
+        return (token.decode() if token else ""), {e.decode() for e in lost}
+
+    def forget_lost(self, namespace: str, entities: list[str]) -> None:
+        """Take entities off the lost set once their rewrite is on its way (an append refused
+        later adds them again)."""
+        if entities:
+            try:
+                self.client.srem(self.lost_key(namespace), *entities)
+            except redis.RedisError as exc:
+                raise StoreError(f"online write to {redact_url(self.url)} failed: {exc}") from exc
+
     def read_tiles(self, namespace: str, entities: list[str]) -> list[bytes]:
         """Each entity's packed row log (empty for an unknown or expired entity), in one MGET."""
         if not entities:
@@ -177,11 +281,26 @@ class RedisOnlineStore:
                 )
             raise StoreError(f"online read from {redact_url(self.url)} failed: {exc}{hint}") from exc
 
+    def read_objects(self, namespace: str, entities: list[str]) -> list[tuple[bytes, bytes]]:
+        """Each entity's (row log, object-tile records), both in one MGET (one consistent view:
+        the script writes both keys of an entity atomically)."""
+        if not entities:
+            return []
+        objs = self.objects_namespace(namespace)
+        keys = [namespace + e for e in entities] + [objs + e for e in entities]
+        try:
+            got = [b or b"" for b in self.client.mget(keys)]
+        except redis.RedisError as exc:
+            raise StoreError(f"online read from {redact_url(self.url)} failed: {exc}") from exc
+        n = len(entities)
+        return list(zip(got[:n], got[n:], strict=True))
+
     def delete_namespace(self, namespace: str) -> int:
         """Drop every key of one view version (retiring it)."""
         n = 0
-        for pattern in (namespace + "*", self.guard_namespace(namespace) + "*"):
+        guards, objs = self.guard_namespace(namespace), self.objects_namespace(namespace)
+        for pattern in (namespace + "*", guards + "*", objs + "*"):
             for key in self.client.scan_iter(match=pattern, count=1000):
                 n += self.client.delete(key)
-        n += self.client.delete(namespace[:-1] + "#epoch")
+        n += self.client.delete(namespace[:-1] + "#epoch", self.lost_key(namespace))
         return n

@@ -16,6 +16,7 @@ positions of everything applied, so the store converges to the state.
 from __future__ import annotations
 
 from collections.abc import Iterator
+from itertools import repeat
 from typing import Any
 
 import numpy as np
@@ -34,10 +35,11 @@ class RedisTableStore(RedisOnlineStore):
 
         def entries() -> Iterator[tuple[str, bytes, bytes, str]]:
             for update in updates:
-                pos = np.ascontiguousarray(update.positions, dtype="<f8")
+                raw = np.ascontiguousarray(update.positions, dtype="<f8").tobytes()
+                w = 8 * update.positions.shape[1]  # one entity's guard: its row of positions
+                guards = [raw[i : i + w] for i in range(0, len(raw), w)] if w else [b""] * len(update)
                 mode = "f" if update.force else "r"
-                for i, ent in enumerate(update.entities):
-                    yield ent, pos[i].tobytes(), update.blobs[i], mode
+                yield from zip(update.entities, guards, update.blobs, repeat(mode))
 
         return self.apply_guarded(namespace, ttl_ms, entries())
 

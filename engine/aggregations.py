@@ -13,9 +13,25 @@ from engine._model import _check_name, _Definition
 from engine.durations import format_duration, parse_duration
 from engine.expressions import Expression, ExpressionError, parse_expression
 
-__all__ = ["FUNCTIONS", "Aggregation", "Derived", "DriftThresholds", "Window"]
+__all__ = ["FUNCTIONS", "SESSION_FUNCTIONS", "Aggregation", "Derived", "DriftThresholds", "Window"]
 
-FUNCTIONS = ("count", "sum", "mean", "min", "max", "last", "stddev", "variance")
+FUNCTIONS = (
+    "count",
+    "sum",
+    "mean",
+    "min",
+    "max",
+    "last",
+    "stddev",
+    "variance",
+    "first",
+    "last_n",
+    "count_distinct",
+    "percentile",
+    "top_k",
+)
+MAX_N = 1000  # largest n of last_n and k of top_k: bounds the state kept per tile
+SESSION_FUNCTIONS = ("count", "sum", "mean", "min", "max", "last", "stddev", "variance", "duration")
 
 
 class Window(_Definition):
@@ -24,11 +40,14 @@ class Window(_Definition):
     ``sliding``: events in the tiles that start in ``(t - size, t]``, up to ``t``.
     ``hopping``: the latest complete window ``[E - size, E)`` with ``E = floor(t / hop) * hop``.
     ``tumbling``: hopping with ``hop == size``.
+    ``session``: the entity's current (or, with ``which="last"``, last closed) session, a run of
+    events less than ``size`` (the gap) apart; see ``engine.sessions``.
     """
 
-    kind: Literal["sliding", "tumbling", "hopping"] = "sliding"
+    kind: Literal["sliding", "tumbling", "hopping", "session"] = "sliding"
     size: timedelta
     hop: timedelta | None = None
+    which: Literal["current", "last"] | None = None
 
     @field_validator("size", "hop", mode="before")
     @classmethod
@@ -46,6 +65,10 @@ class Window(_Definition):
                 raise ValueError("hop must be positive and at most size")
         elif self.hop is not None:
             raise ValueError(f"hop applies to hopping windows only; remove it from the {self.kind} window")
+        if self.which is not None and self.kind != "session":
+            raise ValueError(
+                "which applies to session windows only, e.g. Window.session('30m', which='last')"
+            )
         return self
 
     @classmethod
@@ -60,6 +83,12 @@ class Window(_Definition):
     def hopping(cls, size: Any, hop: Any) -> Window:
         return cls(kind="hopping", size=size, hop=hop)
 
+    @classmethod
+    def session(cls, gap: Any, which: Literal["current", "last"] = "current") -> Window:
+        """Sessions split where consecutive events are ``gap`` or more apart; ``which`` picks the
+        entity's current session or its last closed one."""
+        return cls(kind="session", size=gap, which=which)
+
     @property
     def hop_or_size(self) -> timedelta:
         return self.hop if self.hop is not None else self.size
@@ -67,6 +96,8 @@ class Window(_Definition):
     @property
     def lookback(self) -> timedelta:
         """How far back from a read time this window may reach."""
+        if self.kind == "session":  # the gap; a session's own start is unbounded (engine.sessions)
+            return self.size
         return self.size if self.kind == "sliding" else self.size + self.hop_or_size
 
     @cached_property
@@ -75,6 +106,8 @@ class Window(_Definition):
             return format_duration(self.size)
         if self.kind == "tumbling":
             return f"{format_duration(self.size)}_tumbling"
+        if self.kind == "session":
+            return f"{'last_' if self.which == 'last' else ''}session_{format_duration(self.size)}"
         return f"{format_duration(self.size)}_every_{format_duration(self.hop_or_size)}"
 
 
@@ -98,11 +131,34 @@ class DriftThresholds(_Definition):
 
 
 class Aggregation(_Definition):
-    """One feature: ``function`` of ``column`` over ``window``. ``count`` without a column counts events."""
+    """One feature: ``function`` of ``column`` over ``window``. ``count`` without a column counts events.
 
-    function: Literal["count", "sum", "mean", "min", "max", "last", "stddev", "variance"]
+    ``last_n`` takes ``n`` (the ``n`` newest values, newest first), ``top_k`` takes ``k`` (the
+    ``k`` most frequent values with their counts), ``percentile`` takes ``q`` in (0, 1).
+    Guarantees, memory and error of each function: docs/windows.md.
+    """
+
+    function: Literal[
+        "count",
+        "sum",
+        "mean",
+        "min",
+        "max",
+        "last",
+        "stddev",
+        "variance",
+        "duration",
+        "first",
+        "last_n",
+        "count_distinct",
+        "percentile",
+        "top_k",
+    ]
     column: str | None = None
     window: Window
+    n: int | None = None
+    k: int | None = None
+    q: float | None = None
     name: str | None = None
     drift: DriftThresholds = DriftThresholds()
 
@@ -115,18 +171,57 @@ class Aggregation(_Definition):
 
     @model_validator(mode="after")
     def _col(self) -> Aggregation:
-        if self.column is None and self.function != "count":
+        if self.window.kind == "session" and self.function not in SESSION_FUNCTIONS:
+            raise ValueError(
+                f"{self.function} is not available over session windows; use one of {SESSION_FUNCTIONS}"
+            )
+        if self.function == "duration":
+            if self.window.kind != "session":
+                raise ValueError(
+                    "duration applies to session windows only, e.g. window=Window.session('30m')"
+                )
+            if self.column is not None:
+                raise ValueError("duration measures the session itself; remove column")
+        elif self.column is None and self.function != "count":
             raise ValueError(f"{self.function} needs a column, e.g. column='amount'")
+        self._check_parameters()
         if self.name is not None:
             _check_name(self.name)
         return self
+
+    def _check_parameters(self) -> None:
+        wants = {"last_n": "n", "top_k": "k", "percentile": "q"}.get(self.function)
+        for p in ("n", "k", "q"):
+            if p != wants and getattr(self, p) is not None:
+                raise ValueError(f"{p} applies to {_PARAM_OF[p]} only; remove it from {self.function}")
+        if wants == "q":
+            if self.q is None or not 0 < self.q < 1:
+                raise ValueError("percentile needs q strictly between 0 and 1, e.g. q=0.99")
+        elif wants is not None:
+            v = getattr(self, wants)
+            if v is None or not 1 <= v <= MAX_N:
+                raise ValueError(f"{self.function} needs {wants} from 1 to {MAX_N}, e.g. {wants}=5")
 
     @cached_property
     def feature_name(self) -> str:
         if self.name:
             return self.name
+        if self.function == "duration":  # session_duration_30m, last_session_duration_30m
+            return self.window.label.replace("session_", "session_duration_", 1)
         col = self.column or "events"
-        return f"{col}_{self.function}_{self.window.label}"
+        match self.function:
+            case "last_n":
+                fn = f"last_{self.n}"
+            case "top_k":
+                fn = f"top_{self.k}"
+            case "percentile":
+                fn = "p" + f"{100 * self.q:.6g}".replace(".", "_")  # type: ignore[operator]
+            case _:
+                fn = self.function
+        return f"{col}_{fn}_{self.window.label}"
+
+
+_PARAM_OF = {"n": "last_n", "k": "top_k", "q": "percentile"}
 
 
 class Derived(_Definition):

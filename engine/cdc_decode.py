@@ -24,6 +24,7 @@ from typing import Any
 
 import msgspec
 import numpy as np
+import pyarrow as pa
 from msgspec.structs import astuple
 
 from engine.decode import (
@@ -44,9 +45,10 @@ from engine.decode import (
 from engine.definitions import EventSource
 from engine.table_definitions import CdcSource
 
-__all__ = ["OPS", "CdcDecoder", "DecodedChanges"]
+__all__ = ["ARROW_TYPES", "OPS", "CdcDecoder", "DecodedChanges"]
 
 OPS = ("c", "u", "d", "r")
+ARROW_TYPES = {"int": pa.int64(), "float": pa.float64(), "str": pa.string(), "bool": pa.bool_()}
 _PATH = re.compile(r"at `\$\.([A-Za-z0-9_.\[\]]+)`")
 _MISSING = re.compile(r"missing required field `([A-Za-z0-9_]+)`")
 _ENVELOPE_HINT = "send a Debezium change event {before, after, source, op, ts_ms} (optionally as payload)"
@@ -132,6 +134,8 @@ class CdcDecoder:
         key_spec: list[tuple[Any, ...]] = [(k, _PY[self.fields[k].dtype]) for k in self.pk]
         key_spec += [("schema", msgspec.Raw, msgspec.Raw(b"")), ("payload", msgspec.Raw, msgspec.Raw(b""))]
         self._typed_key = msgspec.json.Decoder(msgspec.defstruct("Key", key_spec, kw_only=True, gc=False))
+        self._envelope, self._after_type, self._before_type = outer, after, before
+        self._arrow = [ARROW_TYPES[f.dtype] for f in row_fields]
 
     def decode(self, keys: list[bytes | None], values: list[bytes], offsets: np.ndarray) -> DecodedChanges:
         """Every message is a change, a skipped tombstone or a failure (reason, detail)."""

@@ -20,7 +20,7 @@ import signal
 import threading
 import time
 import zlib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -37,6 +37,7 @@ from connectors.redis_store import RedisOnlineStore
 from engine.definitions import FeatureView, duration_ms
 from engine.errors import StoreError
 from engine.flow_io import STOP, DecodingKafkaSource, SourceBatch, request_stop
+from engine.object_tiles import object_text_columns
 from engine.observe import configure_logging
 from engine.redact import describe
 from engine.sinks import DeadLetterSink, OfflineSink, OnlineSink, TimedUpdate, partition_key, shard_key
@@ -79,6 +80,7 @@ class RuntimeConfig(BaseModel):
     offline_flush_seconds: float = 5.0
     consumer_config: dict[str, Any] = {}
     kafka_config: dict[str, Any] = {}  # librdkafka settings for every client (SASL/SSL...)
+    backfill_dir: str | None = None  # finished backfills hand their state over from here (engine.handoff)
 
 
 @dataclass
@@ -93,13 +95,17 @@ class ShardEvents:
     produced_at: float = float("nan")  # oldest Kafka message timestamp of the source batch
     partition: int = 0
     offsets: np.ndarray | None = None  # source offsets of the events, ascending
+    text: dict[str, list] = field(default_factory=dict)  # values of text columns object aggregations read
 
 
 def shard_of(entity: str, shards: int) -> int:
     return zlib.crc32(entity.encode()) % shards
 
 
-def split_shards(batch: SourceBatch, shards: int) -> list[tuple[str, ShardEvents]]:
+def split_shards(
+    batch: SourceBatch, shards: int, text_columns: tuple[str, ...] = ()
+) -> list[tuple[str, ShardEvents]]:
+    """The batch's events by shard; ``text_columns`` are text columns whose values go along."""
     if not batch.entity:
         return []
     enc = pa.array(batch.entity, pa.string()).dictionary_encode()
@@ -110,6 +116,7 @@ def split_shards(batch: SourceBatch, shards: int) -> list[tuple[str, ShardEvents
     sorted_shards = shard[order]
     cuts = np.flatnonzero(np.concatenate(([True], sorted_shards[1:] != sorted_shards[:-1])))
     bounds = np.concatenate((cuts, [len(order)]))
+    text = {c: np.array(batch.text[c], dtype=object) for c in text_columns}
     out = []
     for a, b in zip(bounds[:-1].tolist(), bounds[1:].tolist(), strict=True):
         idx = order[a:b]
@@ -126,6 +133,7 @@ def split_shards(batch: SourceBatch, shards: int) -> list[tuple[str, ShardEvents
                     produced_at=batch.produced_at,
                     partition=batch.partition,
                     offsets=batch.offsets[idx],
+                    text={c: v[idx].tolist() for c, v in text.items()},
                 ),
             )
         )
@@ -137,14 +145,28 @@ class OnlineEpochWatch:
     ``interval`` seconds, so the tile state can rewrite every entity it holds.
 
     Uses its own client with short timeouts: it runs on the dataflow thread, which must not
-    stall while Redis is down (then it checks again after ``interval``).
+    stall while Redis is down (then it checks again after ``interval``). The shards of one
+    namespace in a process share each answer for ``interval`` (one round trip per interval, not
+    one per shard: 32 blocking calls a second on the dataflow thread were a sixth of its time at
+    1k events/s), so a loss is noticed within two intervals.
     """
+
+    _answers: dict[tuple[str, str], tuple[float, str | None, frozenset[str]]] = {}
+    _lock = threading.Lock()
 
     def __init__(self, url: str, namespace: str, interval: float = 1.0) -> None:
         self.store = RedisOnlineStore(url, socket_timeout=0.5, connect_timeout=0.5)
+        self.url = url
         self.namespace = namespace
         self.interval = interval
         self.next_check = 0.0
+        self.lost: frozenset[str] = frozenset()  # entities whose keys expired, as last asked
+
+    @classmethod
+    def forget(cls) -> None:
+        """A new run starts in this process: ask the store afresh."""
+        with cls._lock:
+            cls._answers.clear()
 
     def due(self) -> bool:
         return time.monotonic() >= self.next_check
@@ -163,12 +185,35 @@ class OnlineEpochWatch:
         return not fresh
 
     def current(self) -> str | None:
-        """The store's epoch token, or None when it cannot be asked now."""
-        self.next_check = time.monotonic() + self.interval
+        """The store's epoch token, or None when it cannot be asked now; also notes in ``lost``
+        the entities whose appends the store refused because their keys had expired."""
+        now = time.monotonic()
+        self.next_check = now + self.interval
+        key = (self.url, self.namespace)
+        with self._lock:
+            asked, token, lost = self._answers.get(key, (-np.inf, None, frozenset()))
+            if now - asked >= self.interval:
+                try:
+                    token, got = self.store.epoch_and_lost(self.namespace)
+                    lost = frozenset(got)
+                except StoreError:
+                    token, lost = None, frozenset()
+                self._answers[key] = (time.monotonic(), token, lost)
+            self.lost = lost
+            return token
+
+    def take_lost(self, state: Any) -> list[str]:
+        """The entities of ``state`` whose keys expired (noted by the last :meth:`current`), taken
+        off the store's lost set; empty when it cannot be asked now."""
+        mine = [e for e in self.lost if e in state.entity_index]
+        self.lost = frozenset()
+        if not mine:
+            return []
         try:
-            return self.store.epoch(self.namespace)
+            self.store.forget_lost(self.namespace, mine)
         except StoreError:
-            return None
+            return []  # asked again next interval
+        return mine
 
 
 class TileLogic(StatefulBatchLogic[ShardEvents, TimedUpdate, TileState]):
@@ -182,8 +227,10 @@ class TileLogic(StatefulBatchLogic[ShardEvents, TimedUpdate, TileState]):
         self.watch = watch
 
     def _resync(self) -> list[TimedUpdate]:
-        if self.watch is None or not self.watch.lost_data(self.state):
+        if self.watch is None:
             return []
+        if not self.watch.lost_data(self.state):
+            return self._rewrite_expired()
         update = self.state.resync()
         if update.entities:
             log.warning(
@@ -193,10 +240,21 @@ class TileLogic(StatefulBatchLogic[ShardEvents, TimedUpdate, TileState]):
             )
         return [TimedUpdate(update, time.time())] if update.entities else []
 
+    def _rewrite_expired(self) -> list[TimedUpdate]:
+        """Rewrite the entities whose keys expired while appends were pending (the store
+        refused those appends)."""
+        assert self.watch is not None
+        rewrite = getattr(self.state, "rewrite", None)
+        names = self.watch.take_lost(self.state) if rewrite is not None else []
+        if not names:
+            return []
+        log.info("rewriting %d entities whose online keys expired", len(names))
+        return [TimedUpdate(rewrite(names), time.time())]
+
     def on_batch(self, values: list[ShardEvents]) -> tuple[list[TimedUpdate], bool]:
         out = self._resync()
         for ev in values:
-            update = self.state.apply(ev.keys, ev.codes, ev.ts, ev.columns, ev.partition, ev.offsets)
+            update = self.state.apply(ev.keys, ev.codes, ev.ts, ev.columns, ev.partition, ev.offsets, ev.text)
             if update.entities:
                 out.append(TimedUpdate(update, ev.read_at, ev.produced_at))
         return out, StatefulBatchLogic.RETAIN
@@ -247,9 +305,19 @@ def dead_letters(batches: Any, step: str, view: Any, runtime: RuntimeConfig) -> 
 
 
 def build_dataflow(
-    views: list[FeatureView | TableView], runtime: RuntimeConfig, name: str = "featurestream"
+    views: list[FeatureView | TableView],
+    runtime: RuntimeConfig,
+    name: str = "featurestream",
+    seeds: dict[str, Any] | None = None,
 ) -> Dataflow:
-    """One dataflow computing every view; each view reads its own source partitions."""
+    """One dataflow computing every view; each view reads its own source partitions.
+
+    A view version without recovery state starts from its seed (:class:`engine.handoff.ViewSeed`,
+    by version): ``seeds`` when given (a backfill), else a finished backfill's in
+    ``runtime.backfill_dir``.
+    """
+    from engine.handoff import find_handoff, seeded
+
     if not views:
         raise ValueError("build_dataflow needs at least one FeatureView")
     flow = Dataflow(name)
@@ -261,6 +329,7 @@ def build_dataflow(
         layout = TileLayout.of(view)
         retention = duration_ms(view.max_lookback) + duration_ms(view.allowed_lateness) + layout.tile_ms
         v = f"{view.name}_{view.version}"
+        seed = seeds.get(view.version) if seeds is not None else find_handoff(runtime, view)
         batches = op.input(
             f"{v}_source",
             flow,
@@ -272,6 +341,8 @@ def build_dataflow(
                 stop_at_end=runtime.stop_at_end,
                 consumer_config=runtime.consumer_config,
                 kafka_config=runtime.kafka_config,
+                seed=seed.sources if seed else None,
+                end_offsets=seed.end_offsets if seed else None,
             ),
         )
         dead_letters(batches, v, view, runtime)
@@ -294,7 +365,8 @@ def build_dataflow(
             ),
         )
         shards = runtime.shards
-        keyed = op.flat_map(f"{v}_shard", batches, lambda b, n=shards: split_shards(b, n))
+        tc = object_text_columns(view)
+        keyed = op.flat_map(f"{v}_shard", batches, lambda b, n=shards, tc=tc: split_shards(b, n, tc))
 
         namespace = RedisOnlineStore.namespace_of(runtime.redis_prefix, view.name, view.version)
 
@@ -303,16 +375,28 @@ def build_dataflow(
             layout: TileLayout = layout,
             retention: int = retention,
             namespace: str = namespace,
+            seed: Any = seed,
         ) -> TileLogic:
             state = resume if resume is not None else TileState(layout, retention)
-            return TileLogic(state, OnlineEpochWatch(runtime.redis_url, namespace))
+            logic = TileLogic(state, OnlineEpochWatch(runtime.redis_url, namespace))
+            return seeded(logic, seed) if resume is None and seed and seed.tiles else logic
 
         tiles = op.stateful_batch(f"{v}_tiles", keyed, builder)
         op.output(
             f"{v}_online",
             tiles,
-            OnlineSink(runtime.redis_url, runtime.redis_prefix, view, runtime.shards),
+            OnlineSink(
+                runtime.redis_url,
+                runtime.redis_prefix,
+                view,
+                runtime.shards,
+                tiles=offline,
+                tile_flush=(runtime.offline_flush_rows, runtime.offline_flush_seconds),
+            ),
         )
+        from engine.session_flow import add_sessions  # imports this module
+
+        add_sessions(keyed, view, runtime, v)  # session windows: their own state and keys
     return flow
 
 
@@ -378,6 +462,7 @@ def run_dataflow(
     if handle_signals:
         stop_on_signals()
     new_run()
+    OnlineEpochWatch.forget()
     try:
         partitions = workers * len(addresses or [""])
         recovery = None if recovery_dir is None else recovery_config(recovery_dir, partitions)

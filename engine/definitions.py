@@ -37,6 +37,7 @@ __all__ = [
 _FIELD = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,127}$")
 NUMERIC = frozenset({"int", "float", "bool"})
 MAX_TILES_PER_WINDOW = 10_000
+TEXT_FUNCTIONS = ("count", "first", "last", "last_n", "count_distinct", "top_k")  # text columns too
 
 
 class Field(_Definition):
@@ -209,12 +210,15 @@ class FeatureView(_Definition):
                         f"{where}: column {agg.column!r} is not a field of source {src.name!r}; "
                         f"declare it in the source or fix the name"
                     )
-                if agg.function != "count" and f.dtype not in NUMERIC:
+                if agg.function not in TEXT_FUNCTIONS and f.dtype not in NUMERIC:
                     raise ValueError(
                         f"{where}: {agg.function} needs a numeric column but {agg.column!r} is "
-                        f"{f.dtype}; use count, or aggregate a numeric field"
+                        f"{f.dtype}; use {', '.join(TEXT_FUNCTIONS[:-1])} or {TEXT_FUNCTIONS[-1]}, "
+                        "or aggregate a numeric field"
                     )
             w = agg.window
+            if w.kind == "session":  # the gap splits events, not tiles: any positive duration
+                continue
             for label, td in (("size", w.size), ("hop", w.hop)):
                 if td is not None and duration_ms(td) % tile:
                     raise ValueError(
@@ -247,7 +251,8 @@ class FeatureView(_Definition):
 
     @cached_property
     def text_columns(self) -> tuple[str, ...]:
-        """Aggregated text columns: only ever counted, stored offline as text."""
+        """Aggregated text columns, stored offline as text; the stream sees their presence, and
+        their values where an object aggregation reads them (engine.object_tiles)."""
         return tuple(c for c in self.columns if self.source.field(c).dtype == "str")  # type: ignore[union-attr]
 
     @cached_property
@@ -296,10 +301,13 @@ class FeatureView(_Definition):
                     "name": a.feature_name,
                     "function": a.function,
                     "column": a.column,
+                    # Only when set, so the versions of views without them stay as they were.
+                    **{p: getattr(a, p) for p in ("n", "k", "q") if getattr(a, p) is not None},
                     "window": [
                         a.window.kind,
                         duration_ms(a.window.size),
                         duration_ms(a.window.hop) if a.window.hop else None,
+                        *([a.window.which or "current"] if a.window.kind == "session" else []),
                     ],
                 }
                 for a in self.aggregations

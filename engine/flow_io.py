@@ -32,7 +32,7 @@ import pyarrow as pa
 from bytewax.inputs import FixedPartitionedSource, StatefulSourcePartition
 
 from connectors.delta_store import event_schema
-from connectors.kafka import PartitionReader, partition_count, topic_id, topic_reset_error
+from connectors.kafka import PartitionReader, RawBatch, partition_count, topic_id, topic_reset_error
 from engine.decode import DeadLetter, EventDecoder, Reason
 from engine.definitions import FeatureView, duration_ms, format_duration
 from engine.metrics import (
@@ -150,9 +150,11 @@ class _DecodingPartition(StatefulSourcePartition[SourceBatch, dict]):
         poll_timeout: float,
         topic_id: str | None = None,
         recent_ids: list[tuple[Any, float]] | None = None,
+        end: int | None = None,
     ) -> None:
         self.view = view
         self.reader = reader
+        self.end = end  # a bounded read (backfill) ends before this offset, whatever arrives later
         self.topic_id = topic_id
         self.decoder = EventDecoder(view)
         self.lateness = float(duration_ms(view.allowed_lateness))
@@ -178,12 +180,14 @@ class _DecodingPartition(StatefulSourcePartition[SourceBatch, dict]):
         HEALTH.source_polled(*self._key)
 
     def next_batch(self) -> list[SourceBatch]:
-        if self.reader.at_end or STOP.is_set():
+        if self.reader.at_end or STOP.is_set() or (self.end is not None and self.reader.position >= self.end):
             raise StopIteration
         # Never wait inside the read: the client fetches in the background, so a read takes what
         # has arrived (a small batch when the stream is slow, up to batch_size when it is fast),
         # and a worker's other partitions are never held up by this one's timeout.
         raw = self.reader.read(self.batch_size, 0.0)
+        if raw is not None and self.end is not None:
+            raw = _before(raw, self.end, self.reader)
         read_at = time.time()
         HEALTH.source_polled(*self._key)
         self._lag.set(self.reader.lag())
@@ -287,6 +291,17 @@ class _DecodingPartition(StatefulSourcePartition[SourceBatch, dict]):
         self.reader.close()
 
 
+def _before(raw: RawBatch, end: int, reader: PartitionReader) -> RawBatch | None:
+    """The messages of ``raw`` below offset ``end``; the reader's position then stops at ``end``."""
+    if int(raw.offsets[-1]) < end:
+        return raw
+    reader.position = end
+    n = int(np.searchsorted(raw.offsets, end))
+    if n == 0:
+        return None
+    return RawBatch(raw.topic, raw.partition, raw.values[:n], raw.keys[:n], raw.offsets[:n], raw.produced_at)
+
+
 class DecodingKafkaSource(FixedPartitionedSource[SourceBatch, dict]):
     """Reads a view's source topic, every partition, as decoded micro-batches.
 
@@ -295,6 +310,9 @@ class DecodingKafkaSource(FixedPartitionedSource[SourceBatch, dict]):
     Resuming on a topic with another id, or whose end lies below the position, raises
     :class:`~connectors.kafka.TopicChangedError` naming the fix, rather than skip events.
     ``kafka_config`` goes to every client; ``consumer_config`` to the readers only, over it.
+    ``seed`` (partition -> snapshot) is where a partition without a recovery snapshot starts
+    (a backfill's start, or the end a finished backfill handed over); with ``end_offsets``
+    (partition -> offset) each partition ends before that offset (a bounded backfill).
     """
 
     def __init__(
@@ -307,8 +325,12 @@ class DecodingKafkaSource(FixedPartitionedSource[SourceBatch, dict]):
         stop_at_end: bool,
         consumer_config: Mapping[str, Any],
         kafka_config: Mapping[str, Any] | None = None,
+        seed: Mapping[str, dict] | None = None,
+        end_offsets: Mapping[int, int] | None = None,
     ) -> None:
         self.view = view
+        self.seed = dict(seed or {})
+        self.end_offsets = end_offsets
         self.bootstrap = bootstrap
         self.batch_size = batch_size
         self.poll_timeout = poll_timeout
@@ -328,7 +350,7 @@ class DecodingKafkaSource(FixedPartitionedSource[SourceBatch, dict]):
         return self._topic_id[0]
 
     def build_part(self, step_id: str, for_part: str, resume_state: dict | None) -> _DecodingPartition:
-        state = resume_state or {}
+        state = resume_state or self.seed.get(for_part) or {}
         topic, partition = self.view.source.topic, int(for_part)
         current = self.current_topic_id()
         stored = state.get("topic_id")
@@ -356,4 +378,5 @@ class DecodingKafkaSource(FixedPartitionedSource[SourceBatch, dict]):
             self.poll_timeout,
             topic_id=current,
             recent_ids=state.get("recent_ids"),
+            end=None if self.end_offsets is None else self.end_offsets.get(partition, 0),
         )

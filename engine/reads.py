@@ -22,6 +22,7 @@ import pyarrow.compute as pc
 
 from engine.definitions import Aggregation, Derived, FeatureView, duration_ms
 from engine.errors import StoreError
+from engine.object_tiles import build_states, decode_records, is_object, window_values
 from engine.tiles import (
     TILE,
     TileLayout,
@@ -86,16 +87,48 @@ def with_derived(
 
 
 def online_values(
-    view: FeatureView, blobs: list[bytes], at_ms: int, aggs: list[Aggregation | Derived]
+    view: FeatureView,
+    blobs: list[bytes],
+    at_ms: int,
+    aggs: list[Aggregation | Derived],
+    session_blobs: list[bytes] | None = None,
+    objects: list[bytes] | None = None,
 ) -> FeatureValues:
-    """Values for each entity whose packed tiles are ``blobs[i]``, as of ``at_ms``."""
-    return with_derived(view, aggs, lambda a: _online_values(view, blobs, at_ms, a))
+    """Values for each entity whose packed tiles are ``blobs[i]``, as of ``at_ms``; session
+    features come from its online session value ``session_blobs[i]`` (:mod:`engine.sessions`).
+
+    Object aggregations (engine.object_tiles) need each entity's object-tile records
+    ``objects[i]`` (``RedisOnlineStore.read_objects``); their values are str, list or float.
+    """
+    from engine.sessions import online_session_values, with_sessions
+
+    return with_derived(
+        view,
+        aggs,
+        lambda a: with_sessions(
+            a,
+            lambda t: _online_values(view, blobs, at_ms, t, objects),
+            lambda s: online_session_values(view, session_blobs, at_ms, s),
+        ),
+    )
 
 
 def _online_values(
-    view: FeatureView, blobs: list[bytes], at_ms: int, aggs: list[Aggregation]
+    view: FeatureView,
+    blobs: list[bytes],
+    at_ms: int,
+    aggs: list[Aggregation],
+    objects: list[bytes] | None = None,
 ) -> FeatureValues:
     layout = TileLayout.of(view)
+    records = None
+    if any(is_object(a, view) for a in aggs):
+        if objects is None:
+            raise StoreError(
+                f"view {view.name!r} has object aggregations; read them with "
+                "RedisOnlineStore.read_objects and pass objects= to online_values"
+            )
+        records = [decode_records(layout.objects, b) for b in objects]
     n = len(blobs)
     counts = np.fromiter((len(b) // layout.row_bytes for b in blobs), np.int64, n)
     rows, gid = _current_tiles(layout, blobs, counts)
@@ -105,8 +138,14 @@ def _online_values(
         lo, hi, _ = window_tile_range(group[0], layout.tile_ms, t)
         mask = (rows[:, TILE] >= lo[0]) & (rows[:, TILE] <= hi[0])
         partial = combine(layout, rows[mask], gid[mask], n)
+        objs = [a for a in group if is_object(a, view)]
+        if objs and records is not None:
+            lo_t, hi_t = int(lo[0]), int(hi[0])
+            windows = [{t: v for t, v in r.items() if lo_t <= t <= hi_t} for r in records]
+            found = window_values(view, layout.objects, objs, windows)
         for a in group:
-            out[a.feature_name] = (finalize(layout, partial, a), event_time(layout, partial, a))
+            value = found[a.feature_name] if is_object(a, view) else finalize(layout, partial, a)
+            out[a.feature_name] = (value, event_time(layout, partial, a))
     return out
 
 
@@ -135,8 +174,19 @@ def point_in_time_values(
     at_ms: np.ndarray,
     aggs: list[Aggregation | Derived],
 ) -> FeatureValues:
-    """Values for each (``entity[i]``, ``at_ms[i]``) from stored events, using only events up to it."""
-    return with_derived(view, aggs, lambda a: _point_in_time_values(view, events, entity, at_ms, a))
+    """Values for each (``entity[i]``, ``at_ms[i]``) from stored events, using only events up to it.
+    Session features need each entity's whole history up to the latest row time in ``events``."""
+    from engine.sessions import point_in_time_session_values, with_sessions
+
+    return with_derived(
+        view,
+        aggs,
+        lambda a: with_sessions(
+            a,
+            lambda t: _point_in_time_values(view, events, entity, at_ms, t),
+            lambda s: point_in_time_session_values(view, events, entity, at_ms, s),
+        ),
+    )
 
 
 def _point_in_time_values(
@@ -181,9 +231,49 @@ def _point_in_time_values(
         partial = layout.empty(q)
         for chunk in _chunks(lengths):
             partial[chunk] = _combine_ranges(layout, a[chunk], lengths[chunk], ts, cols)
+        objs = [agg for agg in group if is_object(agg, view)]
+        if objs:
+            found = _object_values(view, layout, objs, events, ts, a, lengths)
         for agg in group:
-            out[agg.feature_name] = (finalize(layout, partial, agg), event_time(layout, partial, agg))
+            value = found[agg.feature_name] if is_object(agg, view) else finalize(layout, partial, agg)
+            out[agg.feature_name] = (value, event_time(layout, partial, agg))
     return out
+
+
+def _object_values(
+    view: FeatureView,
+    layout: TileLayout,
+    aggs: list[Aggregation],
+    events: pa.Table,
+    ts: np.ndarray,
+    first: np.ndarray,
+    lengths: np.ndarray,
+) -> dict[str, np.ndarray]:
+    """Object aggregations of each query's event range (sorted by time, partition, offset):
+    per-tile states built as the stream builds them, merged in tile order, as online."""
+    specs = layout.objects
+    part = events.column("_partition").to_numpy().astype(np.int64).tolist()
+    off = events.column("_offset").to_numpy().astype(np.int64).tolist()
+    tlist = ts.tolist()
+    tile_of = (ts // layout.tile_ms).tolist()
+    values: dict[str, list] = {}
+    for s in specs:
+        if s.column not in values:
+            col = events.column(s.column)
+            values[s.column] = col.to_pylist() if s.column in view.text_columns else _as_float(col).tolist()
+    windows = []
+    for start, n in zip(first.tolist(), lengths.tolist(), strict=True):
+        tiles: dict[int, list] = {}
+        i, end = start, start + n
+        while i < end:
+            j, t = i, tile_of[i]
+            while j < end and tile_of[j] == t:
+                j += 1
+            cols = {c: v[i:j] for c, v in values.items()}
+            tiles[t] = build_states(specs, tlist[i:j], part[i:j], off[i:j], cols)
+            i = j
+        windows.append(tiles)
+    return window_values(view, specs, aggs, windows)
 
 
 def _as_float(column: pa.ChunkedArray) -> np.ndarray:

@@ -18,6 +18,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import pyarrow as pa
 from bytewax.outputs import (
     DynamicSink,
@@ -28,6 +29,7 @@ from bytewax.outputs import (
 
 from connectors.dead_letters import DeadLetterProducer
 from connectors.delta_store import DeltaOfflineStore
+from connectors.delta_tiles import append_tiles, tile_table, tiles_uri
 from connectors.kafka import partition_count, partition_end, topic_id, topic_reset_error
 from connectors.redis_store import RedisOnlineStore
 from engine.decode import DeadLetter
@@ -185,10 +187,18 @@ class _OfflinePartition(StatefulSinkPartition[pa.Table, None]):
     when the stream is quiet (Bytewax writes only when rows arrive), and at every snapshot."""
 
     def __init__(
-        self, writer: BackgroundWriter[pa.Table], release: Callable[[], None], rows: int, seconds: float
+        self,
+        writer: BackgroundWriter[Any],
+        release: Callable[[], None],
+        rows: int,
+        seconds: float,
+        size: Callable[[Any], int] = lambda table: table.num_rows,
+        join: Callable[[list[Any]], Any] = pa.concat_tables,
     ):
         self.writer = writer
         self.release = release
+        self.size = size  # rows in one buffered item
+        self.join = join  # buffered items -> the one item the writer gets
         self.flush_rows = rows
         self.flush_seconds = seconds
         self.buffer: list[pa.Table] = []
@@ -202,7 +212,7 @@ class _OfflinePartition(StatefulSinkPartition[pa.Table, None]):
     def write_batch(self, items: list[pa.Table]) -> None:
         with self.lock:
             self.buffer.extend(items)
-            self.buffered += sum(t.num_rows for t in items)
+            self.buffered += sum(self.size(t) for t in items)
             due = self.buffered >= self.flush_rows or time.monotonic() - self.since >= self.flush_seconds
         if due:
             self.flush()
@@ -211,7 +221,7 @@ class _OfflinePartition(StatefulSinkPartition[pa.Table, None]):
         with self.lock:
             tables, self.buffer, self.buffered, self.since = self.buffer, [], 0, time.monotonic()
             if tables:
-                self.writer.submit([pa.concat_tables(tables)])
+                self.writer.submit([self.join(tables)])
 
     def snapshot(self) -> None:
         if snapshots_wanted():
@@ -234,7 +244,7 @@ class _OfflinePartition(StatefulSinkPartition[pa.Table, None]):
         self.timer.join()
         with self.lock:
             tables, self.buffer, self.buffered = self.buffer, [], 0
-        self.writer.finish([pa.concat_tables(tables)] if tables else None)
+        self.writer.finish([self.join(tables)] if tables else None)
         self.release()
 
 
@@ -354,37 +364,72 @@ class _OnlineWrite:
 
 
 class _OnlinePartition(StatefulSinkPartition[TimedUpdate | TileUpdate, None]):
-    def __init__(self, writer: BackgroundWriter[Any], release: Callable[[], None]) -> None:
+    def __init__(
+        self,
+        writer: BackgroundWriter[Any],
+        release: Callable[[], None],
+        tiles: _OfflinePartition | None = None,
+    ) -> None:
         self.writer = writer
         self.release = release
+        self.tiles = tiles  # the Delta tile table's buffer, when the stream writes one
 
     def write_batch(self, items: list[TimedUpdate | TileUpdate]) -> None:
         self.writer.submit(items)
+        if self.tiles is not None:  # turned into Arrow rows on the tile writer's thread
+            self.tiles.write_batch([i.update if isinstance(i, TimedUpdate) else i for i in items])
 
     def snapshot(self) -> None:
+        if self.tiles is not None:
+            self.tiles.snapshot()
         if snapshots_wanted():
             self.writer.drain()
         else:
             self.writer.check()
 
     def close(self) -> None:
-        self.writer.finish()
-        self.release()
+        try:
+            if self.tiles is not None:
+                self.tiles.close()
+        finally:
+            self.writer.finish()
+            self.release()
+
+
+def tile_rows(layout: TileLayout, updates: list[TileUpdate]) -> pa.Table:
+    """The rows of tile updates as tile-table rows (each the full partial of its tile)."""
+    if not updates:
+        return tile_table(layout, pa.array([], pa.string()), layout.empty(0))
+    names = pa.array([e for u in updates for e in u.entities], pa.string())
+    counts = np.concatenate([np.diff(np.append(u.starts[: len(u)], len(u.rows))) for u in updates])
+    rows = np.concatenate([u.rows for u in updates])
+    return tile_table(layout, names.take(np.repeat(np.arange(len(names)), counts)), rows)
 
 
 class OnlineSink(FixedPartitionedSink[TimedUpdate | TileUpdate, None]):
-    """Changed tiles to Redis, keyed by entity shard, written in order per shard.
+    """Changed tiles to Redis, keyed by entity shard, written in order per shard; with ``tiles``,
+    also to the view version's Delta tile table (see :mod:`connectors.delta_tiles`).
 
     Delivery: effectively-once per entity, whatever the entity's events' partitions: a write is
     skipped only when every per-partition position in it is at or below the stored guard's, and a
     store that lost its data is rewritten from state (see :mod:`connectors.redis_store`).
     """
 
-    def __init__(self, url: str, prefix: str, view: FeatureView, shards: int) -> None:
+    def __init__(
+        self,
+        url: str,
+        prefix: str,
+        view: FeatureView,
+        shards: int,
+        tiles: DeltaOfflineStore | None = None,
+        tile_flush: tuple[int, float] = (500_000, 5.0),
+    ) -> None:
         self.url = url
         self.prefix = prefix
         self.view = view
         self.shards = shards
+        self.tiles = tiles
+        self.tile_flush = tile_flush
 
     def list_parts(self) -> list[str]:
         return [shard_key(i) for i in range(self.shards)]
@@ -397,7 +442,33 @@ class OnlineSink(FixedPartitionedSink[TimedUpdate | TileUpdate, None]):
 
         def make() -> BackgroundWriter[Any]:
             write = _OnlineWrite(self.url, self.prefix, self.view)
-            return _store_writer("redis", self.view, write, depth=4)
+            # Every shard submits its part of a source batch: room for two batches of every shard,
+            # so the dataflow does not wait on one Redis round trip per few shards.
+            return _store_writer("redis", self.view, write, depth=max(4, 2 * self.shards))
 
         writer = _SharedWriters.acquire(key, make)
-        return _OnlinePartition(writer, lambda: _SharedWriters.release(key))
+        buffer = None if self.tiles is None else self._tile_buffer()
+        return _OnlinePartition(writer, lambda: _SharedWriters.release(key), buffer)
+
+    def _tile_buffer(self) -> _OfflinePartition:
+        """Tile rows to the view version's Delta tile table: buffered like the event table's rows,
+        written by one background writer per process and table."""
+        store, view = self.tiles, self.view
+        assert store is not None
+        uri = tiles_uri(store, view.name, view.version)
+        key = ("delta-tiles", uri)
+
+        layout = TileLayout.of(view)
+
+        def append(batches: list[list[TileUpdate]]) -> None:
+            append_tiles(store, uri, tile_rows(layout, [u for batch in batches for u in batch]))
+
+        def make() -> BackgroundWriter[list[TileUpdate]]:
+            write = _instrument("delta-tiles", view, append)
+            return _store_writer("delta-tiles", view, write, depth=2)
+
+        writer = _SharedWriters.acquire(key, make)
+        rows, seconds = self.tile_flush
+        return _OfflinePartition(
+            writer, lambda: _SharedWriters.release(key), rows, seconds, size=lambda u: len(u.rows), join=list
+        )

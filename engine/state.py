@@ -20,6 +20,7 @@ from dataclasses import dataclass, replace
 
 import numpy as np
 
+from engine.object_tiles import apply_events, encode_record
 from engine.tiles import TILE, TileLayout, merge, partials_from_events
 
 __all__ = ["TileState", "TileUpdate"]
@@ -36,7 +37,9 @@ class TileUpdate:
     entity's position vector (highest applied offset per source partition, -1 for none), so a
     store can refuse a replay of what it already holds, whatever the partitioning. ``ops[i]``
     counts the events applied to the entity. ``force`` marks a resync of every entity (the store
-    lost its data): applied whatever the store's positions.
+    lost its data): applied whatever the store's positions. ``objects[i]``, for views with
+    object aggregations, holds the entity's object-tile records (engine.object_tiles) for the
+    same tiles as its rows, written with them.
     """
 
     entities: list[str]
@@ -47,6 +50,7 @@ class TileUpdate:
     max_ts: float
     positions: np.ndarray
     force: bool = False
+    objects: list[bytes] | None = None
 
     def __len__(self) -> int:
         return len(self.entities)
@@ -77,6 +81,7 @@ class TileState:
         self.n = 0
         self.max_ts = -np.inf
         self.min_tile = np.inf
+        self.objects: dict[int, list] = {}  # (entity << 32 | tile) -> object-tile states
 
     def apply(
         self,
@@ -86,13 +91,18 @@ class TileState:
         columns: list[np.ndarray],
         partition: int = 0,
         offsets: np.ndarray | None = None,
+        text: dict[str, list] | None = None,
     ) -> TileUpdate:
         """Add events (entity ``keys[codes[i]]``, time ``ts[i]`` ms, column values) to the tiles.
 
         The events come from source ``partition`` at ``offsets`` (ascending). Without offsets,
-        each entity's event count stands in for its position in ``partition``.
+        each entity's event count stands in for its position in ``partition``. ``text`` holds
+        the values of the text columns object aggregations read.
         """
         ent = self._entity_ids(keys)[codes]
+        records = None
+        if self.layout.objects:
+            records = self._apply_objects(ent, ts, columns, partition, offsets, text or {})
         if partition >= self.pos.shape[1]:
             grow = np.full((len(self.pos), partition + 1 - self.pos.shape[1]), -1, dtype=np.int64)
             self.pos = np.concatenate((self.pos, grow), axis=1)
@@ -116,10 +126,13 @@ class TileState:
         touched = row_ent[cut]
         counts = np.diff(np.concatenate((cut, [len(rows)])))
         live = self.live[touched]
-        rewrite = self.logged[touched] + counts > 2 * live + _LOG_SLACK
+        # An entity's first write replaces (all its tiles are in it): the store refuses an append
+        # to an entity without keys, as its older tiles would be missing (expired keys).
+        logged = self.logged[touched]
+        rewrite = (logged + counts > 2 * live + _LOG_SLACK) | (logged == 0)
         self.logged[touched] += counts
         if not rewrite.any():
-            return self._update(touched, changed, cut, rewrite)
+            return self._with_objects(self._update(touched, changed, cut, rewrite), records)
         keep = np.repeat(~rewrite, counts)
         parts = [changed[keep]]
         starts = [cut[~rewrite] - np.concatenate(([0], np.cumsum(~keep)))[cut[~rewrite]]]
@@ -132,7 +145,62 @@ class TileState:
             self.logged[e] = len(mine)
         order = np.concatenate((touched[~rewrite], touched[rewrite]))
         flags = np.concatenate((np.zeros((~rewrite).sum(), bool), np.ones(rewrite.sum(), bool)))
-        return self._update(order, np.concatenate(parts), np.concatenate(starts), flags)
+        return self._with_objects(
+            self._update(order, np.concatenate(parts), np.concatenate(starts), flags), records
+        )
+
+    def _apply_objects(
+        self,
+        ent: np.ndarray,
+        ts: np.ndarray,
+        columns: list[np.ndarray],
+        partition: int,
+        offsets: np.ndarray | None,
+        text: dict[str, list],
+    ) -> dict[int, list[bytes]]:
+        """Merge the events into the object tiles; the changed tiles' records, by entity."""
+        specs = self.layout.objects
+        if offsets is None:  # the entity's event count before this batch, plus the rank in it
+            rank = np.zeros(len(ent), dtype=np.int64)
+            order = np.argsort(ent, kind="stable")
+            e = ent[order]
+            first = np.flatnonzero(np.concatenate(([True], e[1:] != e[:-1])))
+            rank[order] = np.arange(len(e)) - np.repeat(first, np.diff(np.concatenate((first, [len(e)]))))
+            offsets = self.ops[ent] + rank
+        store = getattr(self, "objects", None)
+        if store is None:  # a state saved before object tiles existed
+            store = self.objects = {}
+        tile_no = ts // self.layout.tile_ms
+        keys = (ent << 32) | tile_no
+        values: dict[str, list] = {}
+        for s in specs:
+            if s.column not in values:
+                if s.column in text:
+                    values[s.column] = list(text[s.column])
+                else:
+                    values[s.column] = columns[self.layout.columns.index(s.column)].tolist()
+        part = np.full(len(ent), partition, dtype=np.int64)
+        apply_events(specs, store, keys, ts, part, np.asarray(offsets, dtype=np.int64), values)
+        out: dict[int, list[bytes]] = {}
+        for k in np.unique(keys).tolist():
+            out.setdefault(k >> 32, []).append(encode_record(specs, k & 0xFFFFFFFF, store[k]))
+        return out
+
+    def _live_records(self, e: int) -> bytes:
+        specs, store = self.layout.objects, self.objects
+        tiles = self.rows[self.rows_of[e], TILE].astype(np.int64).tolist()
+        return b"".join(
+            encode_record(specs, t, store[(e << 32) | t]) for t in tiles if (e << 32) | t in store
+        )
+
+    def _with_objects(self, update: TileUpdate, records: dict[int, list[bytes]] | None) -> TileUpdate:
+        if records is None:
+            return update
+        blobs = []
+        for name, rewrite in zip(update.entities, update.rewrite.tolist(), strict=True):
+            e = self.entity_index[name]
+            blobs.append(self._live_records(e) if rewrite else b"".join(records.get(e, [])))
+        return replace(update, objects=blobs)
 
     def _update(
         self, ents: np.ndarray, rows: np.ndarray, starts: np.ndarray, rewrite: np.ndarray
@@ -156,7 +224,23 @@ class TileState:
         rows = np.concatenate(parts) if parts else self.layout.empty(0)
         starts = np.concatenate(([0], np.cumsum(counts)[:-1])) if len(parts) else np.zeros(0, np.int64)
         update = self._update(ents, rows, starts.astype(np.int64), np.ones(len(ents), dtype=bool))
+        if self.layout.objects:
+            update = replace(update, objects=[self._live_records(e) for e in ents.tolist()])
         return replace(update, force=True)
+
+    def rewrite(self, names: list[str]) -> TileUpdate:
+        """The live tiles of the named entities (those this state holds) as replacing writes:
+        rebuilds entities whose keys expired in the store."""
+        ents = np.asarray([self.entity_index[n] for n in names if n in self.entity_index], np.int64)
+        parts = [self.rows[self.rows_of[e]] for e in ents.tolist()]
+        counts = np.fromiter((len(p) for p in parts), np.int64, len(parts))
+        self.logged[ents] = counts
+        rows = np.concatenate(parts) if parts else self.layout.empty(0)
+        starts = np.concatenate(([0], np.cumsum(counts)[:-1])) if len(parts) else np.zeros(0, np.int64)
+        update = self._update(ents, rows, starts.astype(np.int64), np.ones(len(ents), dtype=bool))
+        if self.layout.objects:
+            update = replace(update, objects=[self._live_records(e) for e in ents.tolist()])
+        return update
 
     def tiles_of(self, entity: str) -> np.ndarray:
         """Live tile rows of one entity (for inspection and tests)."""
@@ -228,4 +312,6 @@ class TileState:
         self.rows_of = [[] for _ in self.entities]
         for r, e in enumerate(ents.tolist()):
             self.rows_of[e].append(r)
+        if getattr(self, "objects", None):
+            self.objects = {k: v for k, v in self.objects.items() if k in self.index}
         self.min_tile = float(tiles.min()) if kept else np.inf

@@ -3,9 +3,9 @@ log (Delta).
 
 Per view::
 
-    Kafka partitions ─► decode Debezium ─► RowGuard ─┬─► dead letters ─► <topic>.dlq
-                                                     ├─► change log ─► Delta (micro-batched)
-                                                     └─► moves, shard by entity ─► EntityTables ─► Redis
+    Kafka partitions ─► decode (columns) ─► RowGuard ─┬─► dead letters ─► <topic>.dlq
+                                                      ├─► change log ─► Delta (micro-batched)
+                                                      └─► moves, by entity shard ─► EntityTables ─► Redis
 
 The row guard (per primary key: applied position and entity) lives in the source partition and
 is snapshotted with its read position, so both always agree: Debezium keys change events by
@@ -19,12 +19,9 @@ from __future__ import annotations
 
 import copy
 import functools
-import operator
 import time
 import zlib
-from collections.abc import Callable
 from dataclasses import dataclass, field
-from itertools import repeat
 from typing import Any
 
 import bytewax.operators as op
@@ -38,7 +35,8 @@ from bytewax.outputs import FixedPartitionedSink
 from connectors.delta_store import DeltaOfflineStore
 from connectors.kafka import PartitionReader, partition_count, topic_id, topic_reset_error
 from connectors.redis_table_store import RedisTableStore
-from engine.cdc_decode import CdcDecoder
+from engine.cdc_columns import ColumnDecoder
+from engine.cdc_decode import ARROW_TYPES
 from engine.decode import DeadLetter, entity_id
 from engine.definitions import Field
 from engine.flow_io import STOP
@@ -55,12 +53,13 @@ from engine.sinks import (
     shard_key,
 )
 from engine.snapshots import snapshots_wanted
+from engine.table_columns import Moves, RowGuard, column_of
 from engine.table_definitions import TableView
-from engine.table_state import EntityTables, Move, RowGuard, TableUpdate
+from engine.table_state import EntityTables, TableUpdate, stored_columns
 
 __all__ = ["ChangeBatch", "add_table_view", "change_log_schema"]
 
-_ARROW = {"int": pa.int64(), "float": pa.float64(), "str": pa.string(), "bool": pa.bool_()}
+_ARROW = ARROW_TYPES
 
 
 def change_log_schema(fields: tuple[Field, ...]) -> pa.Schema:
@@ -85,7 +84,8 @@ def change_log_schema(fields: tuple[Field, ...]) -> pa.Schema:
 
 @dataclass
 class ChangeBatch:
-    """Decoded changes of one Kafka partition's micro-batch."""
+    """Decoded changes of one Kafka partition's micro-batch, in columns (``after[j]``/``before[j]``:
+    the source's ``fields[j]``), and the moves its row guard made of them."""
 
     topic: str
     partition: int
@@ -95,19 +95,19 @@ class ChangeBatch:
     position: np.ndarray
     lsn: list[int | None]
     ts: np.ndarray
-    after: list[tuple[Any, ...] | None]
-    before: list[tuple[Any, ...] | None]
+    after: list[pa.Array]
+    before: list[pa.Array]
     offsets: np.ndarray
     dead: list[DeadLetter] = field(default_factory=list)
     read_at: float = 0.0
-    moves: list[Move] = field(default_factory=list)
+    moves: Moves | None = None
 
-    def by_entity_shard(self, shards: int) -> list[tuple[str, list[Move]]]:
-        """The batch's moves per entity shard, in source order."""
-        out: dict[str, list[Move]] = {}
-        for m in self.moves:
-            out.setdefault(_entity_shard(m.entity, shards), []).append(m)
-        return list(out.items())
+    def by_entity_shard(self, shards: int) -> list[tuple[str, Moves]]:
+        """The batch's moves per entity shard."""
+        if self.moves is None or not len(self.moves):
+            return []
+        at = np.fromiter((_shard_of(n, shards) for n in self.moves.names), np.int64, len(self.moves.names))
+        return [(shard_key(s), m) for s, m in self.moves.split(at)]
 
     def rows(self, fields: tuple[Field, ...]) -> pa.Table:
         n = len(self.op)
@@ -118,11 +118,8 @@ class ChangeBatch:
             pa.array(self.position, pa.int64()),
             pa.array(self.lsn, pa.int64()),
             pa.array(self.ts, pa.int64()).view(pa.timestamp("ms", tz="UTC")),
-        ]
-        for images in (self.after, self.before):
-            for j, f in enumerate(fields):
-                cols.append(pa.array([None if r is None else r[j] for r in images], _ARROW[f.dtype]))
-        cols += [
+            *self.after,
+            *self.before,
             pa.array([self.topic] * n, pa.string()),
             pa.array(np.full(n, self.partition, np.int32)),
             pa.array(self.offsets, pa.int64()),
@@ -145,16 +142,14 @@ class _ChangePartition(StatefulSourcePartition[ChangeBatch, dict]):
         self.guard = guard
         self.reader = reader
         self.topic_id = tid
-        self.decoder = CdcDecoder(view.source)
+        self.decoder = ColumnDecoder(view.source)
         self.batch_size = batch_size
         self.poll = poll
         names = [f.name for f in view.source.fields]
+        dtypes = {f.name: f.dtype for f in view.source.fields}
         self.entity_at = [names.index(k) for k in view.entity.join_keys]
-        self.column_at = [names.index(c) for c in view.columns]
-        cols = self.column_at
-        self.pick: Callable[[tuple[Any, ...]], tuple[Any, ...]] = (
-            operator.itemgetter(*cols) if len(cols) > 1 else lambda a: (a[cols[0]],)
-        )
+        self.entity_str = len(self.entity_at) == 1 and dtypes[view.entity.join_keys[0]] == "str"
+        self.stored = [(names.index(c), dtypes[c]) for c in stored_columns(view)]
         self.partition = reader.partition
         labels = {"view": view.name, "topic": reader.topic, "partition": str(reader.partition)}
         self._in = EVENTS_IN.labels(**labels)
@@ -170,33 +165,25 @@ class _ChangePartition(StatefulSourcePartition[ChangeBatch, dict]):
         HEALTH.source_polled(*self._key)
         if raw is None:
             return []
-        dec = self.decoder.decode(raw.keys, raw.values, raw.offsets)
+        dec = self.decoder.decode_columns(raw.keys, raw.values, raw.offsets)
         dead = [
             DeadLetter(raw.topic, raw.partition, int(raw.offsets[i]), raw.keys[i], raw.values[i], why, msg)
             for i, why, msg in dec.failures
         ]
-        # This runs for every change: comprehensions and zip, no generator frame per change.
-        if len(self.entity_at) == 1:  # entity_id of one part is str(part)
-            k = self.entity_at[0]
-            entity: list[str | None] = [
-                None if o == "d" or a is None or a[k] is None else str(a[k])
-                for o, a in zip(dec.op, dec.after, strict=True)
-            ]
-        else:
-            entity = []
-            for o, a in zip(dec.op, dec.after, strict=True):
-                parts = None if o == "d" or a is None else [a[j] for j in self.entity_at]
-                entity.append(None if parts is None or any(p is None for p in parts) else entity_id(parts))
-        pick = self.pick
-        values = [None if a is None else pick(a) for a in dec.after]
-        offsets = raw.offsets[dec.index].tolist() if len(dec.index) else []
+        entity = self._entities(dec.op, dec.after)
+        offsets = raw.offsets[dec.index] if len(dec.index) else raw.offsets[:0]
         n = len(dec.op)
         moves = self.guard.apply(
-            zip(dec.pk, dec.op, dec.position.tolist(), entity, values, repeat(self.partition, n), offsets,
-                dec.ts.tolist(), strict=True)
-        )  # fmt: skip
+            dec.pk,
+            dec.position,
+            entity,
+            [column_of(dec.after[j], dtype) for j, dtype in self.stored],
+            np.full(n, self.partition, np.int64),
+            offsets,
+            dec.ts,
+        )
         self._in.inc(len(raw.values))
-        self._ok.inc(len(dec.op))
+        self._ok.inc(n)
         for letter in dead:
             DEAD_LETTERS.labels(view=self.view.name, reason=letter.reason).inc()
         return [
@@ -211,17 +198,30 @@ class _ChangePartition(StatefulSourcePartition[ChangeBatch, dict]):
                 ts=dec.ts,
                 after=dec.after,
                 before=dec.before,
-                offsets=raw.offsets[dec.index] if len(dec.index) else raw.offsets[:0],
+                offsets=offsets,
                 dead=dead,
                 read_at=read_at,
                 moves=moves,
             )
         ]
 
+    def _entities(self, ops: list[str], after: list[pa.Array]) -> list[str | None]:
+        """The entity of each change's after image (None: a delete, or a null entity column)."""
+        if len(self.entity_at) == 1:
+            entity: list[Any] = after[self.entity_at[0]].to_pylist()
+            if not self.entity_str:  # entity_id of one part is str(part)
+                entity = [None if e is None else str(e) for e in entity]
+        else:
+            parts = zip(*(after[j].to_pylist() for j in self.entity_at), strict=True)
+            entity = [None if None in p else entity_id(list(p)) for p in parts]
+        if "d" in ops:
+            for i in np.flatnonzero(np.asarray(ops) == "d").tolist():
+                entity[i] = None
+        return entity
+
     def snapshot(self) -> dict:
-        # The guard's values are immutable tuples: a shallow copy is a snapshot (skipped when
-        # recovery is off, as Bytewax asks for snapshots anyway).
-        guard = dict(self.guard.rows) if snapshots_wanted() else None
+        # Skipped when recovery is off, as Bytewax asks for snapshots anyway.
+        guard = self.guard.copy() if snapshots_wanted() else None
         return {"offset": self.reader.position, "topic_id": self.topic_id, "guard": guard}
 
     def close(self) -> None:
@@ -268,8 +268,9 @@ class CdcKafkaSource(FixedPartitionedSource[ChangeBatch, dict]):
             self.bootstrap, topic, partition, state.get("offset"), stop_at_end=self.stop_at_end,
             config=self.consumer_config,
         )  # fmt: skip
-        guard = RowGuard()
-        guard.rows = dict(state.get("guard") or {})
+        held = state.get("guard")
+        # A dict: ``pk -> (position, entity)``, as snapshots held before the guard was in columns.
+        guard = RowGuard.from_rows(held) if isinstance(held, dict) else held.copy() if held else RowGuard()
         return _ChangePartition(self.view, reader, self.batch_size, self.poll, current, guard)
 
 
@@ -278,12 +279,12 @@ def _shard(key: str, shards: int) -> int:
 
 
 @functools.lru_cache(maxsize=1 << 16)
-def _entity_shard(entity: str, shards: int) -> str:
-    """The shard key of an entity (cached: an entity's changes come again and again)."""
-    return shard_key(_shard(entity, shards))
+def _shard_of(entity: str, shards: int) -> int:
+    """The shard of an entity (cached: an entity's changes come again and again)."""
+    return _shard(entity, shards)
 
 
-class _EntityLogic(StatefulBatchLogic[list[Move], TableUpdate, EntityTables]):
+class _EntityLogic(StatefulBatchLogic[Moves, TableUpdate, EntityTables]):
     """One entity shard's rows; emits the values of the entities each batch changed, and every
     entity's values when the online store lost its data."""
 
@@ -297,9 +298,9 @@ class _EntityLogic(StatefulBatchLogic[list[Move], TableUpdate, EntityTables]):
         update = self.state.resync()
         return [update] if update.entities else []
 
-    def on_batch(self, values: list[list[Move]]) -> tuple[list[TableUpdate], bool]:
+    def on_batch(self, values: list[Moves]) -> tuple[list[TableUpdate], bool]:
         out = self._resync()
-        update = self.state.apply(m for moves in values for m in moves)
+        update = self.state.apply(values)
         if update.entities:
             out.append(update)
         return out, StatefulBatchLogic.RETAIN

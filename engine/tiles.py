@@ -18,6 +18,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from engine.definitions import Aggregation, FeatureView, duration_ms
+from engine.object_tiles import ObjectSpec, object_specs
 
 __all__ = [
     "TileLayout",
@@ -36,14 +37,16 @@ HEAD = 3
 
 @dataclass(frozen=True)
 class TileLayout:
-    """Where each partial lives in a tile row, for one feature view."""
+    """Where each partial lives in a tile row, for one feature view; ``objects`` are the view's
+    object-tile states (engine.object_tiles), empty when it has no object aggregation."""
 
     columns: tuple[str, ...]
     tile_ms: int
+    objects: tuple[ObjectSpec, ...] = ()
 
     @classmethod
     def of(cls, view: FeatureView) -> TileLayout:
-        return cls(columns=view.columns, tile_ms=duration_ms(view.tile_size))
+        return cls(columns=view.columns, tile_ms=duration_ms(view.tile_size), objects=object_specs(view))
 
     @property
     def width(self) -> int:
@@ -210,7 +213,7 @@ def finalize(layout: TileLayout, partial: np.ndarray, agg: Aggregation) -> np.nd
                 var = np.maximum(partial[:, o + M2], 0.0) / (cnt - 1)
                 var = np.where(cnt > 1, var, np.nan)
                 return np.sqrt(var) if agg.function == "stddev" else var
-    raise AssertionError(agg.function)
+    raise ValueError(f"{agg.feature_name}: {agg.function} is read from object tiles (engine.object_tiles)")
 
 
 def event_time(layout: TileLayout, partial: np.ndarray, agg: Aggregation) -> np.ndarray:

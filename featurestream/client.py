@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
-import io
 import warnings
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -13,18 +11,26 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.compute as pc
-import pyarrow.fs as pafs
-import pyarrow.parquet as pq
 
-from connectors.delta_store import DeltaOfflineStore, event_schema
+from connectors.delta_store import DeltaOfflineStore
 from connectors.redis_table_store import RedisTableStore
 from engine.decode import entity_id
 from engine.definitions import Aggregation, FeatureView
-from engine.errors import DefinitionError, FeaturestreamError, StoreError
-from engine.reads import online_values, point_in_time_values
+from engine.errors import DefinitionError, FeaturestreamError
+from engine.reads import online_values
+from engine.sessions import has_sessions, session_namespace
 from engine.table_definitions import TableView
-from engine.table_reads import online_table_values, point_in_time_table
+from engine.table_reads import online_table_values
+from engine.tiles import TileLayout
+from featurestream.training import (
+    TRAINING_SET_ID,
+    absolute,
+    read_snapshot,
+    record,
+    recorded_uri,
+    training_table,
+    with_id,
+)
 
 if TYPE_CHECKING:
     from featurestream.config import Settings
@@ -34,7 +40,6 @@ if TYPE_CHECKING:
 __all__ = ["TRAINING_SET_ID", "FeatureStore", "OnlineFeatures", "connect", "training_set_id"]
 
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
-TRAINING_SET_ID = b"featurestream.training_set_id"  # schema metadata key of recorded training sets
 
 
 @dataclass(frozen=True)
@@ -183,8 +188,16 @@ class FeatureStore:
                     values[f"{ref}:{name}"] = vals
                     times[f"{ref}:{name}"] = ts
                 continue
-            blobs = self.online.read_tiles(ns, self._entity_ids(view, rows))
-            results = online_values(view, blobs, at_ms, aggs)
+            sessions = None  # session windows: the entities' session values (engine.sessions)
+            if has_sessions(view):
+                sessions = self.online.read_tiles(session_namespace(ns), self._entity_ids(view, rows))
+            if TileLayout.of(view).objects:  # object aggregations: tiles and records in one read
+                pairs = self.online.read_objects(ns, self._entity_ids(view, rows))
+                blobs, objs = [p[0] for p in pairs], [p[1] for p in pairs]
+                results = online_values(view, blobs, at_ms, aggs, objects=objs, session_blobs=sessions)
+            else:
+                blobs = self.online.read_tiles(ns, self._entity_ids(view, rows))
+                results = online_values(view, blobs, at_ms, aggs, session_blobs=sessions)
             for agg in aggs:
                 vals, ts = results[agg.feature_name]
                 values[f"{ref}:{agg.feature_name}"] = _py_values(vals, agg)
@@ -219,29 +232,24 @@ class FeatureStore:
         wanted = self._resolve(features)
         applied = [] if registry is None else self._applied_versions(registry, wanted)
         uris = {
-            n: _absolute(self.offline.table_uri(self.views[n].name, self.views[n].version)) for n in wanted
+            n: absolute(self.offline.table_uri(self.views[n].name, self.views[n].version)) for n in wanted
         }
         if registry is None:
-            return _training_table(self.offline, self.views, wanted, table, timestamp_column, uris, None)
+            return training_table(self.offline, self.views, wanted, table, timestamp_column, uris, None)
         # Pin each table at its current version and read exactly that version: later appends
         # can then never change what this training set contains.
         pins = {n: self.offline.version(uri) for n, uri in uris.items()}
-        out = _training_table(self.offline, self.views, wanted, table, timestamp_column, uris, pins)
-        from registry.lineage import record_training_set
-
-        entity_uri, sha = _write_snapshot(self.offline.root, table)
-        record = record_training_set(
+        out = training_table(self.offline, self.views, wanted, table, timestamp_column, uris, pins)
+        return record(
             registry,
+            self.offline,
+            out,
+            table,
             name=name,
-            features=out.column_names[table.num_columns :],
             view_version_ids=[v.id for v in applied],
             delta_versions={uris[n]: pins[n] for n in wanted},
-            entity_uri=entity_uri,
-            entity_sha256=sha,
-            entity_rows=table.num_rows,
             timestamp_column=timestamp_column,
         )
-        return _with_id(out, record.id)
 
     def _applied_versions(
         self, registry: Registry, wanted: dict[str, list[Aggregation]]
@@ -268,16 +276,16 @@ class FeatureStore:
         recorded table URIs, whatever was appended since."""
         from registry.lineage import get_training_set_record, view_versions_by_id
 
-        record = get_training_set_record(registry, training_set_id)
+        rec = get_training_set_record(registry, training_set_id)
         views: dict[str, FeatureView] = {}
-        for vv in view_versions_by_id(registry, record.view_version_ids):
+        for vv in view_versions_by_id(registry, rec.view_version_ids):
             views[vv.name] = views[vv.label] = vv.view()
-        table = _read_snapshot(record.entity_uri, record.entity_sha256)
-        wanted = _resolve(views, record.features)
-        uris = {n: _recorded_uri(record.delta_versions, views[n].name, views[n].version) for n in wanted}
-        pins = {n: record.delta_versions[uri] for n, uri in uris.items()}
-        out = _training_table(self.offline, views, wanted, table, record.timestamp_column, uris, pins)
-        return _with_id(out, record.id)
+        table = read_snapshot(rec.entity_uri, rec.entity_sha256)
+        wanted = _resolve(views, rec.features)
+        uris = {n: recorded_uri(rec.delta_versions, views[n].name, views[n].version) for n in wanted}
+        pins = {n: rec.delta_versions[uri] for n, uri in uris.items()}
+        out = training_table(self.offline, views, wanted, table, rec.timestamp_column, uris, pins)
+        return with_id(out, rec.id)
 
 
 def training_set_id(table: pa.Table) -> int | None:
@@ -332,126 +340,13 @@ def _resolve(views: dict[str, FeatureView], features: Sequence[str]) -> dict[str
     return out
 
 
-def _training_table(
-    offline: DeltaOfflineStore,
-    views: dict[str, FeatureView],
-    wanted: dict[str, list[Aggregation]],
-    table: pa.Table,
-    timestamp_column: str,
-    uris: dict[str, str],
-    pins: dict[str, int | None] | None,
-) -> pa.Table:
-    """Point-in-time features of ``wanted`` for ``table``, reading each view's Delta table at its
-    pinned version (None: the table did not exist, so no events), or the latest without ``pins``."""
-    if timestamp_column not in table.column_names:
-        raise FeaturestreamError(
-            f"entity_df has no column {timestamp_column!r}; add it or pass timestamp_column="
-        )
-    ts_type = table.schema.field(timestamp_column).type
-    if not pa.types.is_timestamp(ts_type) or ts_type.tz is None:
-        raise FeaturestreamError(
-            f"entity_df[{timestamp_column!r}] must be a timezone-aware timestamp (got {ts_type}); "
-            "convert it, e.g. pandas: df[col] = df[col].dt.tz_localize('UTC')"
-        )
-    at_ms = _floor_millis(table.column(timestamp_column))
-    out = table
-    for view_name, aggs in wanted.items():
-        view = views[view_name]
-        missing = [k for k in view.entity.join_keys if k not in table.column_names]
-        if missing:
-            raise FeaturestreamError(f"entity_df lacks join keys {missing} of view {view_name!r}")
-        ids = FeatureStore._entity_ids(view, table.select(list(view.entity.join_keys)).to_pylist())
-        if isinstance(view, TableView):
-            pin = None if pins is None else pins[view_name]
-            uri = uris[view_name]
-            cols = _table_training_columns(offline, view, aggs, ids, at_ms, uri, pins is None, pin)
-            for name, col in cols.items():
-                out = out.append_column(f"{view_name}:{name}", col)
-            continue
-        lookback = view.max_lookback + view.tile_size
-        start = datetime.fromtimestamp(int(at_ms.min()) / 1000, UTC) - lookback if len(at_ms) else None
-        end = datetime.fromtimestamp(int(at_ms.max()) / 1000, UTC) if len(at_ms) else None
-        pin = None if pins is None else pins[view_name]
-        events = None
-        if pins is None or pin is not None:
-            events = offline.read(
-                uris[view_name], entities=sorted(set(ids)), start=start, end=end, version=pin
-            )
-        if events is None:
-            events = _empty_events(view)
-        for name, (vals, _) in point_in_time_values(view, events, ids, at_ms, aggs).items():
-            agg = view.aggregation(name)
-            out = out.append_column(f"{view_name}:{name}", _arrow_values(vals, agg))
-    return out
-
-
-def _floor_millis(column: pa.ChunkedArray) -> np.ndarray:
-    """Row times in epoch milliseconds, rounded down: an event at millisecond ``m`` is at or
-    before a row time ``t`` exactly when ``m <= floor(t)``, so µs/ns timestamps
-    (``pd.Timestamp.now(tz="UTC")``) need no rounding by the caller."""
-    unit = column.type.unit
-    per_ms = {"s": None, "ms": 1, "us": 1_000, "ns": 1_000_000}[unit]
-    raw = pc.cast(column, pa.int64()).to_numpy(zero_copy_only=False)
-    if per_ms is None:
-        return raw * 1000
-    return raw // per_ms
-
-
-def _absolute(uri: str) -> str:
-    """Local paths made absolute, so a recorded location does not depend on the working directory."""
-    return uri if "://" in uri else str(Path(uri).resolve())
-
-
-def _write_snapshot(root: str, table: pa.Table) -> tuple[str, str]:
-    """Store ``table`` as Parquet named by the sha256 of its bytes; returns (uri, sha256)."""
-    buf = io.BytesIO()
-    pq.write_table(table, buf)
-    data = buf.getvalue()
-    sha = hashlib.sha256(data).hexdigest()
-    uri = f"{_absolute(root)}/_training_sets/{sha}.parquet"
-    try:
-        fs, path = pafs.FileSystem.from_uri(uri)
-        fs.create_dir(path.rsplit("/", 1)[0], recursive=True)
-        if fs.get_file_info(path).type == pafs.FileType.NotFound:  # content-addressed: same bytes
-            with fs.open_output_stream(path) as f:
-                f.write(data)
-    except (OSError, pa.ArrowException) as exc:
-        raise StoreError(f"cannot store the entity snapshot at {uri}: {exc}") from exc
-    return uri, sha
-
-
-def _read_snapshot(uri: str, sha256: str) -> pa.Table:
-    try:
-        fs, path = pafs.FileSystem.from_uri(uri)
-        with fs.open_input_stream(path) as f:
-            data = f.read()
-    except (OSError, pa.ArrowException) as exc:
-        raise StoreError(f"entity snapshot {uri} cannot be read: {exc}") from exc
-    if hashlib.sha256(data).hexdigest() != sha256:
-        raise StoreError(f"entity snapshot {uri} changed since it was recorded (sha256 differs)")
-    return pq.read_table(io.BytesIO(data))
-
-
-def _recorded_uri(delta_versions: dict[str, int | None], view: str, version: str) -> str:
-    from registry.core import RegistryError
-
-    for uri in delta_versions:
-        if uri.rstrip("/").endswith(f"/{view}__{version}"):
-            return uri
-    raise RegistryError(f"the training set record has no Delta table for {view} (version {version})")
-
-
-def _with_id(table: pa.Table, training_set_id: int) -> pa.Table:
-    meta = dict(table.schema.metadata or {})
-    meta[TRAINING_SET_ID] = str(training_set_id).encode()
-    return table.replace_schema_metadata(meta)
-
-
 def _is_count(agg: Aggregation) -> bool:
     return getattr(agg, "function", None) == "count"  # derived features are floats
 
 
 def _py_values(vals: np.ndarray, agg: Aggregation) -> list[Any]:
+    if vals.dtype == object:  # object aggregations: str, lists, None
+        return vals.tolist()
     if _is_count(agg):
         return vals.astype(np.int64).tolist()
     if not np.isnan(vals).any():
@@ -461,40 +356,3 @@ def _py_values(vals: np.ndarray, agg: Aggregation) -> list[Any]:
 
 def _py_times(ts: np.ndarray) -> list[datetime | None]:
     return [None if np.isnan(t) else datetime.fromtimestamp(t / 1000, UTC) for t in ts.tolist()]
-
-
-def _arrow_values(vals: np.ndarray, agg: Aggregation) -> pa.Array:
-    if _is_count(agg):
-        return pa.array(vals.astype(np.int64))
-    return pa.array(vals, pa.float64(), from_pandas=True)
-
-
-def _empty_events(view: FeatureView) -> pa.Table:
-    return event_schema(view.columns, view.text_columns).empty_table()
-
-
-def _table_training_columns(
-    offline: DeltaOfflineStore,
-    view: TableView,
-    features: list[Any],
-    ids: list[str],
-    at_ms: np.ndarray,
-    uri: str,
-    latest: bool,
-    pin: int | None,
-) -> dict[str, pa.Array]:
-    """A table view's columns: each row's entity's aggregates over the table as of its time
-    (the Delta table at version ``pin``, or the latest one; a None pin: no changes stored)."""
-    from engine.table_flow import change_log_schema
-
-    log = None
-    if (latest or pin is not None) and len(at_ms):
-        end = datetime.fromtimestamp(int(at_ms.max()) / 1000, UTC)
-        log = offline.read(uri, end=end, version=pin)
-    if log is None:
-        log = change_log_schema(view.source.fields).empty_table()
-    else:  # only the keys that ever belonged to an asked-for entity
-        wanted = pc.is_in(log.column("entity"), value_set=pa.array(sorted(set(ids)), pa.string()))
-        keys = pc.unique(log.column("pk").filter(wanted.fill_null(False)))
-        log = log.filter(pc.is_in(log.column("pk"), value_set=keys))
-    return point_in_time_table(view, log, ids, at_ms, features)

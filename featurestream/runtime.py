@@ -66,6 +66,7 @@ def runtime_config(settings: Settings | None = None, **overrides: object) -> Run
         "redis_prefix": settings.redis_prefix,
         "stop_at_end": settings.bounded,
         "kafka_config": settings.kafka_config,
+        "backfill_dir": str((settings.state_dir / "backfills").resolve()),  # engine.backfill
     }
     return RuntimeConfig(**{**values, **overrides})
 

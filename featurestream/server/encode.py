@@ -37,6 +37,8 @@ class Answer:
 def _values(block: Block) -> list[list[Any]]:
     """(F, n) values as Python lists: counts as ints, NaN as None."""
     values = block.values
+    if values.dtype == object:  # object aggregations (text, lists) beside floats: per value
+        return [_object_row(row, bool(count)) for row, count in zip(values, block.counts, strict=True)]
     if values.size <= _SMALL:
         counts = block.counts.tolist()
         return [
@@ -50,6 +52,16 @@ def _values(block: Block) -> list[list[Any]]:
     if nan.any():
         out[nan] = None
     return out.tolist()
+
+
+def _object_row(row: np.ndarray, count: bool) -> list[Any]:
+    out: list[Any] = []
+    for v in row.tolist():
+        if isinstance(v, float):
+            out.append(None if v != v else int(v) if count else v)
+        else:
+            out.append(v)  # str, list of values, list of {"value", "count"}, None
+    return out
 
 
 _SMALL = 256  # values below which plain Python beats numpy's per-call cost
@@ -126,10 +138,13 @@ def arrow_table(keys: dict[str, list[Any]], answer: Answer) -> pa.Table:
         cols[k] = pa.array(col if len(kinds) == 1 else [str(v) for v in col])
     for i, (name, agg) in enumerate(zip(answer.names, answer.aggs, strict=True)):
         row = b.values[i]
-        if getattr(agg, "function", None) == "count":  # derived features are floats
+        if row.dtype == object and any(not isinstance(v, float) for v in row.tolist()):
+            cols[name] = pa.array([None if isinstance(v, float) and v != v else v for v in row.tolist()])
+        elif getattr(agg, "function", None) == "count":  # derived features are floats
             cols[name] = pa.array(row.astype(np.int64))
         else:
-            cols[name] = pa.array(row, pa.float64(), from_pandas=True)
+            floats = row.astype(np.float64) if row.dtype == object else row
+            cols[name] = pa.array(floats, pa.float64(), from_pandas=True)
         cols[f"{name}__status"] = pa.DictionaryArray.from_arrays(
             pa.array(b.status[i], pa.int8()), _STATUS_VALUES
         )

@@ -27,12 +27,15 @@ from typing import Any
 import numpy as np
 
 from engine.definitions import Aggregation, Derived, FeatureView, duration_ms
-from engine.reads import _current_tiles, with_derived
-from engine.tiles import MAXTS, TILE, TileLayout, combine, event_time, finalize, window_tile_range
+from engine.object_tiles import is_object
+from engine.reads import _current_tiles, online_values, with_derived
+from engine.sessions import is_session
+from engine.tiles import MAXTS, TILE, N, TileLayout, combine, event_time, finalize, window_tile_range
 
 __all__ = ["STATUSES", "Block", "Plan", "ReadCache", "ViewReader"]
 
 PRESENT, NOT_FOUND, OUTSIDE_MAX_AGE, NULL_VALUE = range(4)
+_NONE = np.zeros(0, np.int64)
 STATUSES = np.array(["PRESENT", "NOT_FOUND", "OUTSIDE_MAX_AGE", "NULL_VALUE"], dtype=object)
 
 
@@ -63,12 +66,36 @@ class ViewReader:
                 self._first.append(a)
             self._window[a.feature_name] = windows[w]
         self.n_windows = len(windows)
-        self._index = {a.feature_name: i for i, a in enumerate(view.aggregations)}
+        # Numeric tile aggregations: read here; sessions and object aggregations: see plan().
+        tiled = [a for a in view.aggregations if not is_session(a) and not is_object(a, view)]
+        self._index = {a.feature_name: i for i, a in enumerate(tiled)}
         self._full: Plan | None = None
 
     def plan(self, features: list[Aggregation | Derived]) -> Plan:
         """Index arrays to read ``features`` in one pass (made once per distinct request shape).
-        The pass reads the aggregations requested and those derived features read, transitively."""
+        The pass reads the aggregations requested and those derived features read, transitively.
+        Session windows (engine.sessions) and object aggregations (engine.object_tiles) are read
+        by the engine's own :func:`engine.reads.online_values`, as the Python client reads them."""
+        aggs = self._inputs(features)
+        if all(a.feature_name in self._index for a in aggs):
+            return self._plan(features)
+        return Plan(
+            features=list(features),
+            derived=any(isinstance(f, Derived) for f in features),
+            aggs=aggs,
+            windows=[],
+            final_aggs=[],
+            time_aggs=[],
+            final_idx=_NONE,
+            time_idx=_NONE,
+            window_idx=_NONE,
+            counts=np.array([getattr(f, "function", None) == "count" for f in features], bool),
+            feature_idx=_NONE,
+            sessions=any(is_session(a) for a in aggs),
+            objects=any(is_object(a, self.view) for a in aggs),
+        )
+
+    def _plan(self, features: list[Aggregation | Derived]) -> Plan:
         aggs = self._inputs(features)
         finals: dict[tuple[str, str | None], int] = {}
         times: dict[str | None, int] = {}
@@ -119,12 +146,16 @@ class ViewReader:
         features: list[Aggregation | Derived] | Plan,
         ids: list[str] | None = None,
         cache: ReadCache | None = None,
+        objects: list[bytes] | None = None,
+        sessions: list[bytes] | None = None,
     ) -> Block:
         """Values of ``features`` (or a :meth:`plan` of them) for the entities whose tile logs
         are ``blobs``, as of ``at_ms``; with ``ids`` and a ``cache``, unchanged entities are not
         recomputed within a tile (the cache holds aggregations; derived values are evaluated
         from them on every read, so they can never disagree)."""
         plan = features if isinstance(features, Plan) else self.plan(features)
+        if plan.sessions or plan.objects:
+            return self._general(blobs, at_ms, plan, objects, sessions)
         if ids is None or cache is None or not cache.enabled:
             values, times, has_data, newest = self._compute(blobs, at_ms, plan)
         else:
@@ -137,6 +168,58 @@ class ViewReader:
         status[:, stale] = OUTSIDE_MAX_AGE
         status[:, ~has_data] = NOT_FOUND
         return Block(values, times, status, plan.counts)
+
+    def _general(
+        self,
+        blobs: list[bytes],
+        at_ms: int,
+        plan: Plan,
+        objects: list[bytes] | None,
+        sessions: list[bytes] | None,
+    ) -> Block:
+        """Values of a plan with session or object features, by :func:`engine.reads.online_values`
+        (the client's own read, derived features included), with the statuses of :meth:`read`.
+        Object values (str, lists, structs) make the block's values an object array."""
+        n = len(blobs)
+        found = online_values(self.view, blobs, at_ms, plan.features, session_blobs=sessions, objects=objects)
+        cols = [found[f.feature_name][0] for f in plan.features]
+        mixed = any(c.dtype == object for c in cols)
+        values = np.empty((len(cols), n), dtype=object if mixed else np.float64)
+        null = np.zeros((len(cols), n), bool)
+        for i, col in enumerate(cols):
+            values[i] = col
+            if col.dtype == object:
+                null[i] = [v is None or (isinstance(v, float) and v != v) for v in col.tolist()]
+            else:
+                null[i] = np.isnan(col)
+        times = np.stack([found[f.feature_name][1] for f in plan.features]).astype(np.float64)
+        counts = np.fromiter((len(b) // self.layout.row_bytes for b in blobs), np.int64, n)
+        rows, gid = _current_tiles(self.layout, blobs, counts)
+        has_data = np.bincount(gid, minlength=n) > 0
+        newest = np.full(n, np.nan)
+        np.fmax.at(newest, gid, rows[:, MAXTS])
+        for extra in (objects, sessions):
+            if extra is not None:
+                has_data |= np.fromiter((len(b) > 0 for b in extra), bool, n)
+        if sessions is not None:
+            np.fmax(newest, self._session_newest(sessions), out=newest)
+        with np.errstate(invalid="ignore"):
+            stale = has_data & (newest < at_ms - self.ttl_ms)
+        status = np.where(null, NULL_VALUE, PRESENT).astype(np.int8)
+        status[:, stale] = OUTSIDE_MAX_AGE
+        status[:, ~has_data] = NOT_FOUND
+        return Block(values, times, status, plan.counts)
+
+    def _session_newest(self, sessions: list[bytes]) -> np.ndarray:
+        """Each entity's newest event among its kept sessions (NaN for none)."""
+        width, out = self.layout.width, np.full(len(sessions), np.nan)
+        for i, blob in enumerate(sessions):
+            if blob and len(blob) % self.layout.row_bytes == 0:
+                rows = np.frombuffer(blob, dtype="<f8").reshape(-1, width)
+                live = rows[rows[:, N] > 0]
+                if len(live):
+                    out[i] = live[:, MAXTS].max()
+        return out
 
     def _derive(self, plan: Plan, values: np.ndarray, times: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """(values, times) of ``plan.features`` from those of ``plan.aggs``, by the engine's
@@ -152,7 +235,7 @@ class ViewReader:
         """Every feature of the view per entity, from the cache where the entity's tile log and
         the current tile are those it was computed for (then the values are the same), the rest
         computed in one pass and cached."""
-        n, width = len(blobs), len(self.view.aggregations)
+        n, width = len(blobs), len(self._index)
         tile_no = at_ms // self.layout.tile_ms
         values = np.empty((n, width))
         times = np.empty((n, width))
@@ -168,7 +251,7 @@ class ViewReader:
                 values[i], times[i], has_data[i], newest[i] = hit
         cache.count(n - len(miss), len(miss))
         if miss:
-            full = self._full or self.plan(list(self.view.aggregations))
+            full = self._full or self._plan([self.view.aggregation(f) for f in self._index])  # type: ignore[misc]
             self._full = full
             v, t, h, nw = self._compute([blobs[i] for i in miss], at_ms, full)
             values[miss], times[miss], has_data[miss], newest[miss] = v.T, t.T, h, nw
@@ -265,3 +348,5 @@ class Plan:
     window_idx: np.ndarray
     counts: np.ndarray  # per feature: a count (integer values)
     feature_idx: np.ndarray  # position of each of ``aggs`` in the view's aggregations
+    sessions: bool = False  # reads session features: the entities' session values too
+    objects: bool = False  # reads object aggregations: the entities' object-tile records too

@@ -1,0 +1,131 @@
+"""The dataflow step of a view's session windows: shard events -> session state -> Redis.
+
+It runs beside the tile step on the same sharded events, with its own state
+(:class:`engine.sessions.SessionState`, driven by the tile step's logic) and its own online keys
+(``engine.sessions.session_namespace``), which have their own per-entity position guard. So the
+sessions' Redis writes are effectively-once exactly as the tiles' are: a write is skipped only when
+every per-partition position in it is at or below the guard's, and each write replaces the
+entity's whole session value, so a replay after a restart converges to the state.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import bytewax.operators as op
+from bytewax.operators import StatefulBatchLogic
+from bytewax.outputs import FixedPartitionedSink, StatefulSinkPartition
+
+from connectors.kafka import partition_count
+from connectors.redis_store import RedisOnlineStore
+from engine.dataflow import OnlineEpochWatch, RuntimeConfig, ShardEvents, TileLogic
+from engine.definitions import FeatureView, duration_ms
+from engine.sessions import SessionState, has_sessions, session_gaps, session_namespace
+from engine.sinks import TimedUpdate, _instrument, _SharedWriters, _store_writer, shard_key
+from engine.snapshots import snapshots_wanted
+from engine.state import TileUpdate
+from engine.tiles import TileLayout
+from engine.writer import BackgroundWriter
+
+__all__ = ["SessionLogic", "SessionSink", "add_sessions"]
+
+
+def add_sessions(keyed: Any, view: FeatureView, runtime: RuntimeConfig, step: str) -> None:
+    """Add the session step of ``view`` (if it has session aggregations) on its sharded events."""
+    if not has_sessions(view):
+        return
+    layout = TileLayout.of(view)
+    gaps = session_gaps(view)
+    lateness = duration_ms(view.allowed_lateness)
+    base = RedisOnlineStore.namespace_of(runtime.redis_prefix, view.name, view.version)
+    namespace = session_namespace(base)
+
+    cap = duration_ms(view.ttl) if view.ttl is not None else None
+    partitions: list[int] = []  # asked once, when the first shard starts (Kafka is up by then)
+
+    def builder(resume: SessionState | None) -> SessionLogic:
+        if resume is None and not partitions:
+            topic = view.source.topic
+            partitions.append(
+                partition_count(runtime.kafka_bootstrap_servers, topic, config=runtime.kafka_config)
+            )
+        n = partitions[0] if partitions else 1
+        state = resume if resume is not None else SessionState(layout, gaps, lateness, n, cap)
+        return SessionLogic(state, OnlineEpochWatch(runtime.redis_url, namespace))  # type: ignore[arg-type]
+
+    sessions = op.stateful_batch(f"{step}_sessions", keyed, builder)
+    op.output(
+        f"{step}_sessions_online", sessions, SessionSink(runtime.redis_url, view, runtime.shards, namespace)
+    )
+
+
+class SessionLogic(TileLogic):
+    """The tile step's logic (snapshots, resync when the store lost its data) over one shard's
+    :class:`~engine.sessions.SessionState`."""
+
+    def on_batch(self, values: list[ShardEvents]) -> tuple[list[TimedUpdate], bool]:
+        out = self._resync()
+        for ev in values:
+            update = self.state.apply(ev.keys, ev.codes, ev.ts, ev.columns, ev.partition, ev.offsets)
+            if update.entities:
+                out.append(TimedUpdate(update, ev.read_at, ev.produced_at))
+        return out, StatefulBatchLogic.RETAIN
+
+
+class _SessionPartition(StatefulSinkPartition[TimedUpdate, None]):
+    def __init__(self, writer: BackgroundWriter[Any], release: Callable[[], None]) -> None:
+        self.writer = writer
+        self.release = release
+
+    def write_batch(self, items: list[TimedUpdate]) -> None:
+        self.writer.submit(items)
+
+    def snapshot(self) -> None:
+        if snapshots_wanted():  # the epoch's snapshot counts only once its writes are stored
+            self.writer.drain()
+        else:
+            self.writer.check()
+
+    def close(self) -> None:
+        self.writer.finish()
+        self.release()
+
+
+class SessionSink(FixedPartitionedSink[TimedUpdate, None]):
+    """Session values to Redis under ``namespace``, keyed by entity shard, in order per shard.
+
+    Delivery: effectively-once per entity (see the module docstring). Keys expire after the
+    view's ``ttl`` without writes, and never when it is unset: the last closed session stays
+    readable however long the entity is idle.
+    """
+
+    def __init__(self, url: str, view: FeatureView, shards: int, namespace: str) -> None:
+        self.url = url
+        self.view = view
+        self.shards = shards
+        self.namespace = namespace
+
+    def list_parts(self) -> list[str]:
+        return [shard_key(i) for i in range(self.shards)]
+
+    def part_fn(self, item_key: str) -> int:
+        return int(item_key[1:])
+
+    def build_part(self, step_id: str, for_part: str, resume_state: None) -> _SessionPartition:
+        view, namespace = self.view, self.namespace
+        key = ("redis-sessions", self.url, namespace)
+        ttl_ms = duration_ms(view.ttl) if view.ttl is not None else 0
+        row_bytes = TileLayout.of(view).row_bytes
+
+        def make() -> BackgroundWriter[Any]:
+            store = RedisOnlineStore(self.url)
+
+            def write(items: list[TimedUpdate | TileUpdate]) -> None:
+                updates = [i.update if isinstance(i, TimedUpdate) else i for i in items]
+                store.write(namespace, updates, ttl_ms, row_bytes)
+
+            return _store_writer("redis", view, _instrument("redis-sessions", view, write), depth=4)
+
+        writer = _SharedWriters.acquire(key, make)
+        return _SessionPartition(writer, lambda: _SharedWriters.release(key))
