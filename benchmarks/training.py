@@ -12,8 +12,10 @@ file chunk by chunk, as ``featurestream training-set`` does.
 from __future__ import annotations
 
 import argparse
+import multiprocessing
 import os
 import resource
+import shutil
 import tempfile
 import time
 from datetime import UTC, datetime
@@ -29,6 +31,7 @@ from engine.definitions import Aggregation, Entity, EventSource, FeatureView, Fi
 from engine.reads import point_in_time_values
 from engine.tiles import TileLayout, partials_from_events
 from featurestream.training import CHUNK_ROWS, write_training_set
+from featurestream.training_partitions import PARTITION_EVENTS
 
 DAY = 86_400_000
 END = int(datetime(2026, 1, 31, tzinfo=UTC).timestamp() * 1000)
@@ -124,6 +127,27 @@ def entity_rows(rows: int, entities: int, days: int) -> pa.Table:
     )
 
 
+def reset_peak() -> None:
+    """Reset the process's peak RSS (Linux: ``/proc/self/clear_refs``); elsewhere a no-op."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+    except OSError:
+        pass
+
+
+def peak_mib() -> float:
+    """Peak RSS since :func:`reset_peak` (VmHWM), or of the whole process where not on Linux."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
 def main(argv: list[str]) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--rows", type=int, default=10_000_000, help="entity rows in the training set")
@@ -131,14 +155,23 @@ def main(argv: list[str]) -> int:
     ap.add_argument("--entities", type=int, default=200_000)
     ap.add_argument("--days", type=int, default=14, help="event history span")
     ap.add_argument("--chunk-rows", type=int, default=CHUNK_ROWS)
+    ap.add_argument(
+        "--partition-events", type=int, default=PARTITION_EVENTS, help="stored events indexed at once"
+    )
     ap.add_argument("--compare-rows", type=int, default=20_000, help="rows also read by the events path")
     args = ap.parse_args(argv)
     work = tempfile.mkdtemp(prefix="featurestream-bench-training-")
     store = DeltaOfflineStore(os.path.join(work, "delta"))
     views = [bench_view(i) for i in range(3)]
     t = time.perf_counter()
-    for view in views:
-        write_history(store, view, args.events, args.entities, args.days)
+    # In a child process, so this process's peak memory is the training set's alone.
+    child = multiprocessing.get_context("fork").Process(
+        target=lambda: [write_history(store, v, args.events, args.entities, args.days) for v in views]
+    )
+    child.start()
+    child.join()
+    if child.exitcode != 0:
+        raise SystemExit(f"writing the synthetic history failed (exit code {child.exitcode})")
     print(
         f"wrote {args.events:,} events per view x {len(views)} views ({args.entities:,} entities, "
         f"{args.days} days) and their tiles to Delta in {time.perf_counter() - t:.1f} s (not through Kafka)"
@@ -146,6 +179,7 @@ def main(argv: list[str]) -> int:
     table = entity_rows(args.rows, args.entities, args.days)
     wanted = {v.name: list(v.aggregations) for v in views}
     out = os.path.join(work, "training.parquet")
+    reset_peak()  # the peak of the training set alone, not of writing the synthetic history
     cpu0, t0 = time.process_time(), time.perf_counter()
     written = write_training_set(
         store,
@@ -155,9 +189,10 @@ def main(argv: list[str]) -> int:
         "event_timestamp",
         out,
         args.chunk_rows,  # type: ignore[arg-type]
+        partition_events=args.partition_events,
     )
     wall, cpu = time.perf_counter() - t0, time.process_time() - cpu0
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    peak = peak_mib()
     features = sum(len(a) for a in wanted.values())
     print(
         f"training set: {written:,} rows x {features} features in {wall:.1f} s wall, {cpu:.1f} s CPU: "
@@ -176,4 +211,5 @@ def main(argv: list[str]) -> int:
         point_in_time_values(view, events, ids, at, list(view.aggregations))
         old = time.perf_counter() - t1
         print(f"events path (engine.reads), one view: {args.compare_rows / old:,.0f} rows/s")
+    shutil.rmtree(work, ignore_errors=True)
     return 0

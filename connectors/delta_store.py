@@ -170,23 +170,23 @@ class DeltaOfflineStore:
         table = self._open(uri, version)
         if table is None:
             return None
-        filters = []
+        # One expression for the scan, so rows are filtered batch by batch as files are read:
+        # a read of a few entities holds only theirs, not the whole time range's.
+        ts = pa.timestamp("ms", "UTC")
+        conditions = []
         if start is not None:
-            filters.append(("date", ">=", start.date()))
+            conditions.append(pc.field("date") >= pa.scalar(start.date(), pa.date32()))
+            conditions.append(pc.field("event_ts") >= pa.scalar(start, ts))
         if end is not None:
-            filters.append(("date", "<=", end.date()))
-        data = table.to_pyarrow_table(filters=filters or None, columns=columns)
-        mask = None
+            conditions.append(pc.field("date") <= pa.scalar(end.date(), pa.date32()))
+            conditions.append(pc.field("event_ts") <= pa.scalar(end, ts))
         if entities is not None:
             wanted = entities if isinstance(entities, pa.Array) else pa.array(entities, pa.string())
-            mask = pc.is_in(data.column("entity"), value_set=wanted)
-        if start is not None:
-            m = pc.greater_equal(data.column("event_ts"), pa.scalar(start, pa.timestamp("ms", "UTC")))
-            mask = m if mask is None else pc.and_(mask, m)
-        if end is not None:
-            m = pc.less_equal(data.column("event_ts"), pa.scalar(end, pa.timestamp("ms", "UTC")))
-            mask = m if mask is None else pc.and_(mask, m)
-        return data if mask is None else data.filter(mask)
+            conditions.append(pc.field("entity").isin(wanted))
+        expr = None
+        for c in conditions:
+            expr = c if expr is None else expr & c
+        return table.to_pyarrow_table(filters=expr, columns=columns)
 
     def version(self, uri: str) -> int | None:
         table = self._open(uri)

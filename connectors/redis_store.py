@@ -21,9 +21,9 @@ Layout, per view version (``ns`` = ``{prefix}:{view}:{version}``):
 
 Delivery: effectively-once per entity. A write is applied, in a Lua script, unless every position
 in it is at or below the guard's (then it replays what the store already holds), whatever the
-partitioning of the entity's events; a forced resync is always applied; an append to an entity whose keys expired is refused and
-the entity rewritten (``{ns}#lost`` above). After a restart the
-first write of an entity may interleave partitions differently, but every tile is rewritten
+partitioning of the entity's events; a forced resync is always applied; an append to an entity
+whose keys expired is refused and the entity rewritten (``{ns}#lost`` above). After a restart
+the first write of an entity may interleave partitions differently, but every tile is rewritten
 once its events are applied again, so the store converges to the state. Keys expire after the
 view's TTL without writes.
 """
@@ -243,19 +243,12 @@ class RedisOnlineStore:
     def lost_key(namespace: str) -> str:
         return namespace[:-1] + "#lost"
 
-    def epoch_and_lost(self, namespace: str) -> tuple[str, set[str]]:
-        """The namespace's epoch token (see :meth:`epoch`) and the entities whose appends were
-        refused because their keys had expired, in one round trip."""
-        key = namespace[:-1] + "#epoch"
+    def lost_entities(self, namespace: str) -> set[str]:
+        """The entities whose appends were refused because their keys had expired."""
         try:
-            pipe = self.client.pipeline(transaction=False)
-            pipe.set(key, secrets.token_hex(8), nx=True)
-            pipe.get(key)
-            pipe.smembers(self.lost_key(namespace))
-            _, token, lost = pipe.execute()
+            return {e.decode() for e in self.client.smembers(self.lost_key(namespace))}
         except redis.RedisError as exc:
-            raise StoreError(f"online epoch check at {redact_url(self.url)} failed: {exc}") from exc
-        return (token.decode() if token else ""), {e.decode() for e in lost}
+            raise StoreError(f"online read from {redact_url(self.url)} failed: {exc}") from exc
 
     def forget_lost(self, namespace: str, entities: list[str]) -> None:
         """Take entities off the lost set once their rewrite is on its way (an append refused

@@ -194,8 +194,8 @@ class OnlineEpochWatch:
             asked, token, lost = self._answers.get(key, (-np.inf, None, frozenset()))
             if now - asked >= self.interval:
                 try:
-                    token, got = self.store.epoch_and_lost(self.namespace)
-                    lost = frozenset(got)
+                    token = self.store.epoch(self.namespace)
+                    lost = frozenset(self.store.lost_entities(self.namespace))
                 except StoreError:
                     token, lost = None, frozenset()
                 self._answers[key] = (time.monotonic(), token, lost)
@@ -396,7 +396,7 @@ def build_dataflow(
         )
         from engine.session_flow import add_sessions  # imports this module
 
-        add_sessions(keyed, view, runtime, v)  # session windows: their own state and keys
+        add_sessions(keyed, view, runtime, v, seed)  # session windows: their own state and keys
     return flow
 
 

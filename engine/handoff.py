@@ -2,11 +2,12 @@
 
 A backfill starts each source partition at an offset it chose (its seed) and ends at fixed end
 offsets. When it finishes, it leaves a *handoff* next to its recovery directory: the final
-snapshot of every source partition (offset, newest event time, topic id, recent dedup ids) and
-of every tile shard. A worker that then serves the same view version, and has no recovery state
-for it, starts from that handoff: each partition continues at the backfill's end with the same
-watermark, each shard with the backfill's tiles. So nothing is read twice or skipped, and the
-online and offline stores (which the backfill wrote) keep growing from where it stopped.
+snapshot of every source partition (offset, newest event time, topic id, recent dedup ids), of
+every tile shard and of every session shard (views with session windows). A worker that then
+serves the same view version, and has no recovery state for it, starts from that handoff: each
+partition continues at the backfill's end with the same watermark, each shard with the
+backfill's tiles and sessions. So nothing is read twice or skipped, and the online and offline
+stores (which the backfill wrote) keep growing from where it stopped.
 """
 
 from __future__ import annotations
@@ -37,7 +38,8 @@ HANDOFF_FILE = "handoff.pkl"
 @dataclass
 class ViewSeed:
     """Starting state of one view version: ``sources`` (partition -> source snapshot),
-    ``tiles`` (shard key -> :class:`TileState`) and, for a bounded read, ``end_offsets``
+    ``tiles`` (shard key -> :class:`TileState`), ``sessions`` (shard key ->
+    :class:`engine.sessions.SessionState`) and, for a bounded read, ``end_offsets``
     (partition -> first offset not read). ``namespace``/``shards`` say which online namespace
     and shard layout the tiles belong to."""
 
@@ -47,19 +49,25 @@ class ViewSeed:
     shards: int = 0
     namespace: str = ""
     offline_version: int | None = None  # of the Delta table when the backfill ended (None: no table)
+    sessions: dict[str, Any] = field(default_factory=dict)
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update({"sessions": {}, **state})  # a handoff written before sessions had none
 
 
 class _SeededTileLogic(TileLogic):
-    """A shard's logic that swaps in the seed's tiles of its shard with its first events (Bytewax
-    does not tell a logic its key, so the shard is found from the first entity)."""
+    """A shard's logic that swaps in the seed's state of its shard (``states``: the seed's tiles
+    unless given) with its first events (Bytewax does not tell a logic its key, so the shard is
+    found from the first entity)."""
 
-    def __init__(self, base: TileLogic, seed: ViewSeed) -> None:
+    def __init__(self, base: TileLogic, seed: ViewSeed, states: dict[str, Any] | None = None) -> None:
         super().__init__(base.state, base.watch)
         self.seed: ViewSeed | None = seed
+        self.states = seed.tiles if states is None else states
 
     def on_batch(self, values: list[ShardEvents]) -> tuple[list[TimedUpdate], bool]:
         if self.seed is not None and values and values[0].keys:
-            found = self.seed.tiles.pop(shard_key(shard_of(values[0].keys[0], self.seed.shards)), None)
+            found = self.states.pop(shard_key(shard_of(values[0].keys[0], self.seed.shards)), None)
             if found is not None:
                 self.state = found
             self.seed = None
@@ -109,6 +117,7 @@ def write_handoff(directory: Path, view: FeatureView, runtime: RuntimeConfig) ->
     seed = ViewSeed(
         sources={k: v for (s, k), v in states.items() if s == prefix + "source"},
         tiles={k: v for (s, k), v in states.items() if s == prefix + "tiles"},
+        sessions={k: v for (s, k), v in states.items() if s == prefix + "sessions"},
         shards=runtime.shards,
         namespace=RedisOnlineStore.namespace_of(runtime.redis_prefix, view.name, view.version),
     )

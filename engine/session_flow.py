@@ -5,7 +5,9 @@ It runs beside the tile step on the same sharded events, with its own state
 (``engine.sessions.session_namespace``), which have their own per-entity position guard. So the
 sessions' Redis writes are effectively-once exactly as the tiles' are: a write is skipped only when
 every per-partition position in it is at or below the guard's, and each write replaces the
-entity's whole session value, so a replay after a restart converges to the state.
+entity's whole session value, so a replay after a restart converges to the state (and a value
+whose keys expired is written whole again by the entity's next event). A worker continuing a
+finished backfill starts each shard from the backfill's sessions (``engine.handoff``).
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from connectors.kafka import partition_count
 from connectors.redis_store import RedisOnlineStore
 from engine.dataflow import OnlineEpochWatch, RuntimeConfig, ShardEvents, TileLogic
 from engine.definitions import FeatureView, duration_ms
+from engine.handoff import ViewSeed, _SeededTileLogic
 from engine.sessions import SessionState, has_sessions, session_gaps, session_namespace
 from engine.sinks import TimedUpdate, _instrument, _SharedWriters, _store_writer, shard_key
 from engine.snapshots import snapshots_wanted
@@ -31,8 +34,11 @@ from engine.writer import BackgroundWriter
 __all__ = ["SessionLogic", "SessionSink", "add_sessions"]
 
 
-def add_sessions(keyed: Any, view: FeatureView, runtime: RuntimeConfig, step: str) -> None:
-    """Add the session step of ``view`` (if it has session aggregations) on its sharded events."""
+def add_sessions(
+    keyed: Any, view: FeatureView, runtime: RuntimeConfig, step: str, seed: ViewSeed | None = None
+) -> None:
+    """Add the session step of ``view`` (if it has session aggregations) on its sharded events;
+    a shard without recovery state starts from ``seed``'s sessions (a finished backfill's)."""
     if not has_sessions(view):
         return
     layout = TileLayout.of(view)
@@ -52,7 +58,10 @@ def add_sessions(keyed: Any, view: FeatureView, runtime: RuntimeConfig, step: st
             )
         n = partitions[0] if partitions else 1
         state = resume if resume is not None else SessionState(layout, gaps, lateness, n, cap)
-        return SessionLogic(state, OnlineEpochWatch(runtime.redis_url, namespace))  # type: ignore[arg-type]
+        logic = SessionLogic(state, OnlineEpochWatch(runtime.redis_url, namespace))  # type: ignore[arg-type]
+        if resume is None and seed is not None and seed.sessions:
+            return _SeededSessionLogic(logic, seed, seed.sessions)
+        return logic
 
     sessions = op.stateful_batch(f"{step}_sessions", keyed, builder)
     op.output(
@@ -71,6 +80,10 @@ class SessionLogic(TileLogic):
             if update.entities:
                 out.append(TimedUpdate(update, ev.read_at, ev.produced_at))
         return out, StatefulBatchLogic.RETAIN
+
+
+class _SeededSessionLogic(_SeededTileLogic, SessionLogic):
+    """:class:`SessionLogic` that swaps in the seed's sessions of its shard with its first events."""
 
 
 class _SessionPartition(StatefulSinkPartition[TimedUpdate, None]):

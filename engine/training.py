@@ -58,9 +58,10 @@ from engine.training_index import (
     expand,
     gather,
     slices,
+    take,
 )
 
-__all__ = ["SUPPORTED", "PreparedEvents", "training_values"]
+__all__ = ["SUPPORTED", "PreparedEvents", "columnar", "training_values"]
 
 SUPPORTED = frozenset({"count", "sum", "mean", "min", "max", "last", "stddev", "variance"})
 """Aggregation functions computed here (over tile windows); others, and session windows, go to
@@ -137,12 +138,18 @@ class PreparedEvents:
         return found.to_numpy(zero_copy_only=False).astype(np.int64)
 
     def values(
-        self, entity: pa.Array | list[str], at_ms: np.ndarray, features: list[Aggregation | Derived]
+        self,
+        entity: pa.Array | list[str],
+        at_ms: np.ndarray,
+        features: list[Aggregation | Derived],
+        code: np.ndarray | None = None,
     ) -> FeatureValues:
-        """Values for each (``entity[i]``, ``at_ms[i]``), using only events up to ``at_ms[i]``."""
+        """Values for each (``entity[i]``, ``at_ms[i]``), using only events up to ``at_ms[i]``.
+        ``code``: :meth:`codes` of ``entity`` when the caller already has them (one lookup for
+        many chunks)."""
         at_ms = np.asarray(at_ms, dtype=np.int64)
-        code = self.codes(entity)
-        order = np.lexsort((at_ms, code))  # sorted lookups stay in cache
+        code = self.codes(entity) if code is None else code
+        order = _row_order(code, at_ms)  # sorted lookups stay in cache
         s_code, s_at = code[order], at_ms[order]
 
         def compute(aggs: list[Aggregation]) -> FeatureValues:
@@ -310,15 +317,16 @@ class PreparedEvents:
         return ufunc(whole, head)
 
     def _last(self, partial, o, col, j0, j1, ha, hb, nh) -> None:  # type: ignore[no-untyped-def]
-        lv = gather(col.last_tile.astype(np.float64), j1 - 1, j1 > j0)
-        ok = ~np.isnan(lv) & (lv >= j0)
-        pick = np.where(ok, lv, 0).astype(np.int64)
+        # Integer gathers of the "last valid" indices (-1: none yet), no float copies of them.
+        lv = take(col.last_tile, j1 - 1)
+        ok = (j1 > j0) & (lv >= j0)
+        pick = np.where(ok, lv, 0)
         lts = gather(col.tiles[:, LTS - CNT], pick, ok)
         last = gather(col.tiles[:, LAST - CNT], pick, ok)
         if len(ha):
-            le = gather(col.last_event.astype(np.float64), hb - 1, nh > 0)
-            okh = ~np.isnan(le) & (le >= ha)
-            pe = np.where(okh, le, 0).astype(np.int64)
+            le = take(col.last_event, hb - 1)
+            okh = (nh > 0) & (le >= ha)
+            pe = np.where(okh, le, 0)
             lts = np.where(okh, gather(self.ts_f, pe, okh), lts)
             last = np.where(okh, gather(col.x, pe, okh), last)
         partial[:, o + LTS] = lts
@@ -331,6 +339,23 @@ def _supported(agg: Aggregation, text_columns: set[str]) -> bool:
     if agg.column in text_columns and agg.function != "count":
         return False
     return agg.function in SUPPORTED and agg.window.kind in ("sliding", "hopping", "tumbling")
+
+
+def _row_order(code: np.ndarray, at_ms: np.ndarray) -> np.ndarray:
+    """Rows by (entity code, time): one argsort of a combined key where it fits in int64."""
+    if not len(code):
+        return np.zeros(0, dtype=np.int64)
+    lo = int(at_ms.min())
+    span = int(at_ms.max()) - lo + 1
+    if (int(code.max()) + 2) * span >= 2**62:
+        return np.lexsort((at_ms, code))
+    return np.argsort((code + 1) * span + (at_ms - lo))
+
+
+def columnar(view: FeatureView, aggs: list[Aggregation]) -> bool:
+    """Whether all of ``aggs`` are read from tile rows here (none falls back to the events path)."""
+    text = set(view.text_columns)
+    return all(_supported(a, text) for a in aggs)
 
 
 def _strings(entity: pa.Array | pa.ChunkedArray | list[str]) -> list[str]:

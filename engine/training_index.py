@@ -10,7 +10,18 @@ import pyarrow.compute as pc
 from engine.definitions import Aggregation
 from engine.tiles import CNT, M2, MAX, MIN, SUM
 
-__all__ = ["Column", "as_float", "between", "by_window", "counts", "expand", "gather", "prefix", "slices"]
+__all__ = [
+    "Column",
+    "as_float",
+    "between",
+    "by_window",
+    "counts",
+    "expand",
+    "gather",
+    "prefix",
+    "slices",
+    "take",
+]
 
 
 def prefix(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -81,6 +92,13 @@ def gather(values: np.ndarray, idx: np.ndarray, ok: np.ndarray) -> np.ndarray:
     if not len(values):
         return np.full(len(idx), np.nan)
     return np.where(ok, values[np.clip(idx, 0, len(values) - 1)], np.nan)
+
+
+def take(values: np.ndarray, idx: np.ndarray) -> np.ndarray:
+    """``values[idx]`` with ``idx`` clipped into range (-1 for every row when ``values`` is empty)."""
+    if not len(values):
+        return np.full(len(idx), -1, dtype=np.int64)
+    return values[np.clip(idx, 0, len(values) - 1)]
 
 
 class Column:

@@ -28,6 +28,7 @@ from engine.errors import FeaturestreamError, StoreError
 from engine.table_definitions import TableView
 from engine.table_reads import point_in_time_table
 from engine.training import CHUNK_ROWS, PreparedEvents
+from featurestream.training_partitions import PARTITION_EVENTS, SpilledView, read_window, spillable
 
 if TYPE_CHECKING:
     from registry.core import Registry
@@ -94,11 +95,7 @@ def _prepare(
     """The view's events that rows can see (their entities, back to the longest lookback)."""
     events = None
     if (latest or pin is not None) and len(at_ms):
-        lookback = view.max_lookback + view.tile_size
-        start = datetime.fromtimestamp(int(at_ms.min()) / 1000, UTC) - lookback
-        if any(a.window.kind == "session" for a in view.aggregations):
-            start = None  # a session may have started long before (engine.sessions)
-        end = datetime.fromtimestamp(int(at_ms.max()) / 1000, UTC)
+        start, end = read_window(view, at_ms)
         columns = ["entity", "event_ts", *view.columns, "_partition", "_offset"]
         events = offline.read(
             uri, entities=pc.unique(ids), start=start, end=end, version=pin, columns=columns
@@ -118,41 +115,69 @@ def iter_training_set(
     pins: dict[str, int | None] | None,
     chunk_rows: int = CHUNK_ROWS,
     progress: Callable[[int], None] | None = None,
+    partition_events: int = PARTITION_EVENTS,
 ) -> Iterator[pa.Table]:
     """The training set of ``table`` in chunks of ``chunk_rows`` rows: each chunk's rows plus one
     column per feature (``view:feature``), as of each row's time. Each view's Delta table is read
     at its pinned version (None: the table did not exist, so no events), or the latest without
-    ``pins``. ``progress(rows)`` is called after each chunk."""
+    ``pins``. ``progress(rows)`` is called after each chunk.
+
+    Views whose features are all floats are computed first, ``partition_events`` stored events at
+    a time (:class:`featurestream.training_partitions.SpilledView`), so memory stays bounded."""
     at_ms = row_times(table, timestamp_column)
     ids = {name: entity_ids(views[name], table) for name in wanted}
     prepared: dict[str, PreparedEvents] = {}
-    for name in wanted:
-        view = views[name]
-        if not isinstance(view, TableView):
-            pin = None if pins is None else pins[name]
-            prepared[name] = _prepare(offline, view, ids[name], at_ms, uris[name], pin, pins is None)
-    for start in range(0, max(table.num_rows, 1), chunk_rows):
-        stop = min(start + chunk_rows, table.num_rows)
-        out = table.slice(start, stop - start)
-        t = at_ms[start:stop]
+    spilled: dict[str, SpilledView] = {}
+    try:
         for name, aggs in wanted.items():
             view = views[name]
-            chunk_ids = ids[name].slice(start, stop - start)
             if isinstance(view, TableView):
-                pin = None if pins is None else pins[name]
-                cols = _table_columns(
-                    offline, view, aggs, chunk_ids.to_pylist(), t, uris[name], pins is None, pin
-                )
-                for feature, col in cols.items():
-                    out = out.append_column(f"{name}:{feature}", col)
                 continue
-            values = prepared[name].values(chunk_ids, t, aggs)  # type: ignore[arg-type]
-            for agg in aggs:
-                vals, _ = values[agg.feature_name]
-                out = out.append_column(f"{name}:{agg.feature_name}", arrow_values(vals, agg))
-        if progress is not None:
-            progress(stop - start)
-        yield out
+            pin = None if pins is None else pins[name]
+            if spillable(view, aggs):  # bounded memory: one entity range indexed at a time
+                spilled[name] = SpilledView(
+                    offline,
+                    view,
+                    aggs,
+                    ids[name],
+                    at_ms,
+                    uris[name],
+                    pin,
+                    pins is None,
+                    chunk_rows,
+                    partition_events,
+                )
+            else:
+                prepared[name] = _prepare(offline, view, ids[name], at_ms, uris[name], pin, pins is None)
+        for start in range(0, max(table.num_rows, 1), chunk_rows):
+            stop = min(start + chunk_rows, table.num_rows)
+            out = table.slice(start, stop - start)
+            t = at_ms[start:stop]
+            for name, aggs in wanted.items():
+                view = views[name]
+                chunk_ids = ids[name].slice(start, stop - start)
+                if isinstance(view, TableView):
+                    pin = None if pins is None else pins[name]
+                    cols = _table_columns(
+                        offline, view, aggs, chunk_ids.to_pylist(), t, uris[name], pins is None, pin
+                    )
+                    for feature, col in cols.items():
+                        out = out.append_column(f"{name}:{feature}", col)
+                    continue
+                if name in spilled:
+                    vals_of = spilled[name].read(start, stop)
+                else:
+                    values = prepared[name].values(chunk_ids, t, aggs)  # type: ignore[arg-type]
+                    vals_of = {k: v[0] for k, v in values.items()}
+                for agg in aggs:
+                    vals = vals_of[agg.feature_name]
+                    out = out.append_column(f"{name}:{agg.feature_name}", arrow_values(vals, agg))
+            if progress is not None:
+                progress(stop - start)
+            yield out
+    finally:
+        for s in spilled.values():
+            s.close()
 
 
 def training_table(*args: Any, **kwargs: Any) -> pa.Table:
@@ -316,12 +341,13 @@ def write_training_set(
     out: Path,
     chunk_rows: int = CHUNK_ROWS,
     progress: Callable[[int], None] | None = None,
+    partition_events: int = PARTITION_EVENTS,
 ) -> int:
     """Stream the training set of ``table`` (latest table versions) to a Parquet file, chunk by
     chunk; returns the rows written."""
     uris = {n: absolute(offline.table_uri(views[n].name, views[n].version)) for n in wanted}
     chunks = iter_training_set(
-        offline, views, wanted, table, timestamp_column, uris, None, chunk_rows, progress
+        offline, views, wanted, table, timestamp_column, uris, None, chunk_rows, progress, partition_events
     )
     written = 0
     writer: pq.ParquetWriter | None = None

@@ -5,6 +5,7 @@ answer with ``FeatureStore.get_online_features``."""
 
 from __future__ import annotations
 
+import random
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -147,10 +148,13 @@ class World:
 
 @contextmanager
 def world(services: Services, tmp: Path, builder: str, events: Any) -> Iterator[World]:
-    """Events produced over 3 partitions, one pipeline run into Redis, then a server and a client."""
+    """Events produced out of order over 3 partitions, one pipeline run into Redis, then a server
+    and a client."""
     topic = create_topic(services.kafka, unique(builder), 3)
     now = int(time.time() * 1000)
-    produce(services.kafka, topic, sorted(events(now), key=lambda e: e["ts"]), key_field="user_id")
+    sent = events(now)
+    random.Random(7).shuffle(sent)  # out of event-time order (within the allowed lateness)
+    produce(services.kafka, topic, sent, key_field="user_id")
     view = globals()[builder](topic)
     runtime = make_runtime(services.kafka, services.redis_url, tmp, builder[:4])
     run_views([view], runtime)

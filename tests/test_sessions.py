@@ -20,7 +20,6 @@ from engine.reads import online_values, point_in_time_values
 from engine.sessions import SessionState, merge_sessions, session_gaps, sessionize
 from engine.state import TileState, TileUpdate
 from engine.tiles import TileLayout
-from featurestream.server.errors import ApiError
 from featurestream.server.reads import ReadCache, ViewReader
 from tests.sessions_helpers import (
     BASE,
@@ -300,11 +299,9 @@ def test_merge_sessions_joins_touching_and_keeps_apart() -> None:
     assert m_e.tolist() == [0, 0, 0, 1]  # exactly GAP after the first session's end: a session of its own
 
 
-def test_server_refuses_session_features_and_serves_the_others() -> None:
+def test_server_reads_session_features_as_the_engine_does() -> None:
     view = make_view("t", extra=(Aggregation(function="count", window="1h"),))
     reader = ViewReader(view)
-    with pytest.raises(ApiError, match="not served over HTTP"):
-        reader.plan([view.aggregation("amount_sum_session_10m")])
     state = TileState(TileLayout.of(view), 2 * 3_600_000)
     ts = np.array([BASE, BASE + MIN, BASE + 2 * MIN], np.int64)
     update = state.apply(["a"], np.zeros(3, np.int64), ts, [np.array([1.0, 2.0, 3.0])])
@@ -312,3 +309,20 @@ def test_server_refuses_session_features_and_serves_the_others() -> None:
     hour = view.aggregation("events_count_1h")
     block = reader.read([blob], BASE + 3 * MIN, [hour], ids=["a"], cache=ReadCache(1 << 20))
     assert block.values[0, 0] == 3  # the cached path reads every tile feature, sessions aside
+    sessions: dict[str, bytes] = {}
+    df = _frame([{"user_id": "a", "ts": int(t), "amount": float(i + 1)} for i, t in enumerate(ts)])
+    _apply(_state(view), df, sessions)
+    wanted = [
+        view.aggregation("amount_sum_session_10m"),
+        hour,
+        view.aggregation("events_count_last_session_10m"),
+    ]
+    for at in (BASE + 3 * MIN, BASE + 2 * MIN + GAP):
+        plan = reader.plan(wanted)
+        got = reader.read([blob, b""], at, plan, sessions=[sessions["a"], b""])
+        want = online_values(view, [blob, b""], at, wanted, session_blobs=[sessions["a"], b""])
+        for i, agg in enumerate(wanted):
+            assert np.array_equal(got.values[i], want[agg.feature_name][0], equal_nan=True), agg.feature_name
+            assert np.array_equal(got.times[i], want[agg.feature_name][1], equal_nan=True), agg.feature_name
+        assert got.status[:, 1].tolist() == [1, 1, 1]  # NOT_FOUND: nothing stored
+    assert got.values[0, 0] == 0 and got.values[2, 0] == 3  # the session ended: now the last one

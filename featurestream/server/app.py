@@ -347,7 +347,15 @@ def _stack(blocks: list[Block]) -> Block:
         np.concatenate([b.times for b in blocks]),
         np.concatenate([b.status for b in blocks]),
         np.concatenate([b.counts for b in blocks]),
+        _types(blocks),
     )
+
+
+def _types(blocks: list[Block]) -> tuple[Any, ...]:
+    """Arrow types of object features over stacked blocks (none when no block has any)."""
+    if not any(b.types for b in blocks):
+        return ()
+    return tuple(t for b in blocks for t in (b.types or (None,) * len(b.counts)))
 
 
 def _deprecations(sels: list[Selection]) -> dict[str, str]:

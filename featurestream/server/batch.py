@@ -96,6 +96,7 @@ class ReadBatcher:
                     block.times[:, start:end],
                     block.status[:, start:end],
                     block.counts,
+                    block.types,
                 )
             )
             start = end

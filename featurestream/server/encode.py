@@ -138,8 +138,11 @@ def arrow_table(keys: dict[str, list[Any]], answer: Answer) -> pa.Table:
         cols[k] = pa.array(col if len(kinds) == 1 else [str(v) for v in col])
     for i, (name, agg) in enumerate(zip(answer.names, answer.aggs, strict=True)):
         row = b.values[i]
-        if row.dtype == object and any(not isinstance(v, float) for v in row.tolist()):
-            cols[name] = pa.array([None if isinstance(v, float) and v != v else v for v in row.tolist()])
+        typed = b.types[i] if b.types else None
+        if typed is not None or (row.dtype == object and any(not isinstance(v, float) for v in row.tolist())):
+            cols[name] = pa.array(
+                [None if isinstance(v, float) and v != v else v for v in row.tolist()], typed
+            )
         elif getattr(agg, "function", None) == "count":  # derived features are floats
             cols[name] = pa.array(row.astype(np.int64))
         else:

@@ -9,6 +9,11 @@ combined with one :func:`engine.tiles.combine` call (group = entity x window), t
 Derived features are evaluated afterwards by the engine's own :func:`engine.reads.with_derived`,
 on the aggregations they read (which join the same pass), so they equal the client's too.
 
+Session windows (engine.sessions) and object aggregations (engine.object_tiles: text, lists,
+sketches) are read apart from that pass, by the client's own :func:`engine.reads.online_values`,
+from the tile rows, object records and session values fetched in one MGET (see
+:mod:`featurestream.server.batch`); a request for numeric tile features only never takes that path.
+
 Status per value (the names Feast uses):
 
 * ``NOT_FOUND``: Redis holds nothing for the entity (never seen, or its keys expired).
@@ -25,9 +30,10 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+import pyarrow as pa
 
 from engine.definitions import Aggregation, Derived, FeatureView, duration_ms
-from engine.object_tiles import is_object
+from engine.object_tiles import is_object, numeric_result
 from engine.reads import _current_tiles, online_values, with_derived
 from engine.sessions import is_session
 from engine.tiles import MAXTS, TILE, N, TileLayout, combine, event_time, finalize, window_tile_range
@@ -47,6 +53,7 @@ class Block:
     times: np.ndarray  # (F, n) float64 epoch ms of the newest event behind each value, NaN = none
     status: np.ndarray  # (F, n) int8 index into STATUSES
     counts: np.ndarray  # (F,) bool: a count (integer values)
+    types: tuple[pa.DataType | None, ...] = ()  # per feature, the Arrow type of object values
 
 
 class ViewReader:
@@ -208,7 +215,8 @@ class ViewReader:
         status = np.where(null, NULL_VALUE, PRESENT).astype(np.int8)
         status[:, stale] = OUTSIDE_MAX_AGE
         status[:, ~has_data] = NOT_FOUND
-        return Block(values, times, status, plan.counts)
+        types = tuple(_arrow_type(f, self.view) for f in plan.features) if mixed else ()
+        return Block(values, times, status, plan.counts, types)
 
     def _session_newest(self, sessions: list[bytes]) -> np.ndarray:
         """Each entity's newest event among its kept sessions (NaN for none)."""
@@ -327,6 +335,19 @@ class ReadCache:
 
     def __len__(self) -> int:
         return len(self._entries)
+
+
+def _arrow_type(feature: Aggregation | Derived, view: FeatureView) -> pa.DataType | None:
+    """The Arrow type of an object feature's values (so a column of nulls keeps its type);
+    None for numeric features."""
+    if not isinstance(feature, Aggregation) or not is_object(feature, view) or numeric_result(feature, view):
+        return None
+    value = pa.string() if feature.column in view.text_columns else pa.float64()
+    if feature.function == "last_n":
+        return pa.list_(value)
+    if feature.function == "top_k":
+        return pa.list_(pa.struct([("value", value), ("count", pa.int64())]))
+    return value  # first, last
 
 
 def _size(blob: bytes, value: Any) -> int:
