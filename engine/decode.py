@@ -374,6 +374,12 @@ class EventDecoder:
             return Reason.ENCODING, f"{_MESSAGE}: the message is {other}; send UTF-8 JSON"
         if not bytes(raw).strip():
             return Reason.MALFORMED, f"{_MESSAGE}: the message is empty; send one JSON object per message"
+        if "Invalid UTF-8" in msg:  # msgspec >= 0.20 says so in a DecodeError, not a UnicodeDecodeError
+            try:
+                bytes(raw).decode("utf-8")
+            except UnicodeDecodeError as exc:
+                subject = _subject(_invalid_utf8_field(raw, self.fields))
+                return Reason.ENCODING, f"{subject}: not valid UTF-8 ({exc.reason}); send text as UTF-8"
         at = _BYTE.search(msg)
         pos = int(at.group(1)) if at else None
         # msgspec may only say that the input ended when the last string holds a lone surrogate.
