@@ -230,12 +230,12 @@ def _reader_config(bootstrap: str, topic: str, config: Mapping[str, Any] | None)
         # the worker (10k events/s got slower, not faster); see docs/performance.md.
         # FEATURESTREAM_KAFKA_CONFIG can set it (Apache Kafka answers as soon as data arrives).
         "fetch.wait.max.ms": 100,
-        # Prefetch per partition reader: about one micro-batch (batch_size 20k events), not more.
-        # librdkafka holds every prefetched message with a few hundred bytes of overhead besides
-        # its payload: 200k messages (64 MiB) in each reader were ~290 MiB of a worker's peak RSS
-        # while catching up on 1M events, with no gain in throughput (docs/performance.md).
-        "queued.min.messages": 20_000,
-        "queued.max.messages.kbytes": 4_096,
+        # Prefetch per partition reader: a few micro-batches (batch_size 20k events). librdkafka
+        # holds each prefetched message with a few hundred bytes of overhead besides its payload;
+        # 20k messages / 4 MiB per reader saved ~300 MiB of peak RSS catching up on 1M events but
+        # cost ~30% of the throughput; 100k / 16 MiB keeps the throughput (docs/performance.md).
+        "queued.min.messages": 100_000,
+        "queued.max.messages.kbytes": 16_384,
         "fetch.min.bytes": 1,
         **(config or {}),
         # Positions are the dataflow's: never committed, never moved by the client on its own.
