@@ -198,24 +198,10 @@ def _point_in_time_values(
 ) -> FeatureValues:
     layout = TileLayout.of(view)
     q = len(entity)
-    events = events.sort_by(
-        [
-            ("entity", "ascending"),
-            ("event_ts", "ascending"),
-            ("_partition", "ascending"),
-            ("_offset", "ascending"),
-        ]
-    )
-    ev_entity = events.column("entity").combine_chunks()
-    uniq = pc.unique(ev_entity)
-    ecode = pc.index_in(ev_entity, value_set=uniq).to_numpy(zero_copy_only=False).astype(np.int64)
-    qcode = pc.index_in(pa.array(entity, pa.string()), value_set=uniq)
-    qcode = qcode.fill_null(-1).to_numpy(zero_copy_only=False).astype(np.int64)
-    ts = pc.cast(events.column("event_ts"), pa.timestamp("ms", "UTC")).cast(pa.int64()).to_numpy()
-    cols = [_as_float(events.column(c)) for c in layout.columns]
+    events, ecode, qcode, ts, cols = sorted_events(layout, events, entity)
     tmin = int(min(ts.min() if len(ts) else 0, at_ms.min() if q else 0)) - 2 * duration_ms(view.max_lookback)
     span = int(max(ts.max() if len(ts) else 0, at_ms.max() if q else 0)) - tmin + 2
-    if (len(uniq) + 1) * span >= 2**62:
+    if (int(ecode.max(initial=-1)) + 2) * span >= 2**62:  # distinct entities + 1
         raise StoreError(
             "training set spans too many entities and too long a time at once; split entity_df by time"
         )
@@ -274,6 +260,29 @@ def _object_values(
             i = j
         windows.append(tiles)
     return window_values(view, specs, aggs, windows)
+
+
+def sorted_events(
+    layout: TileLayout, events: pa.Table, entity: list[str]
+) -> tuple[pa.Table, np.ndarray, np.ndarray, np.ndarray, list[np.ndarray]]:
+    """Stored events in stream order per entity (time, then partition and offset), with each
+    event's entity code, each query entity's code (-1: no events), times in ms and the view's
+    columns as the stream sees them."""
+    events = events.sort_by(
+        [
+            ("entity", "ascending"),
+            ("event_ts", "ascending"),
+            ("_partition", "ascending"),
+            ("_offset", "ascending"),
+        ]
+    )
+    ev_entity = events.column("entity").combine_chunks()
+    uniq = pc.unique(ev_entity)
+    ecode = pc.index_in(ev_entity, value_set=uniq).to_numpy(zero_copy_only=False).astype(np.int64)
+    qcode = pc.index_in(pa.array(entity, pa.string()), value_set=uniq)
+    qcode = qcode.fill_null(-1).to_numpy(zero_copy_only=False).astype(np.int64)
+    ts = pc.cast(events.column("event_ts"), pa.timestamp("ms", "UTC")).cast(pa.int64()).to_numpy()
+    return events, ecode, qcode, ts, [_as_float(events.column(c)) for c in layout.columns]
 
 
 def _as_float(column: pa.ChunkedArray) -> np.ndarray:

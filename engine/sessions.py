@@ -27,11 +27,10 @@ from collections.abc import Callable
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.compute as pc
 
 from engine.definitions import Aggregation, FeatureView, duration_ms
 from engine.errors import StoreError
-from engine.reads import FeatureValues, _as_float, _chunks, _combine_ranges
+from engine.reads import FeatureValues, _chunks, _combine_ranges, sorted_events
 from engine.state import TileUpdate
 from engine.tiles import MAXTS, TILE, N, TileLayout, combine, event_time, finalize, partials_from_events
 
@@ -348,25 +347,11 @@ def point_in_time_session_values(
     layout = TileLayout.of(view)
     q = len(entity)
     at_ms = np.asarray(at_ms, dtype=np.int64)
-    events = events.sort_by(
-        [
-            ("entity", "ascending"),
-            ("event_ts", "ascending"),
-            ("_partition", "ascending"),
-            ("_offset", "ascending"),
-        ]
-    )
-    ev_entity = events.column("entity").combine_chunks()
-    uniq = pc.unique(ev_entity)
-    ecode = pc.index_in(ev_entity, value_set=uniq).to_numpy(zero_copy_only=False).astype(np.int64)
-    qcode = pc.index_in(pa.array(entity, pa.string()), value_set=uniq)
-    qcode = qcode.fill_null(-1).to_numpy(zero_copy_only=False).astype(np.int64)
-    ts = pc.cast(events.column("event_ts"), pa.timestamp("ms", "UTC")).cast(pa.int64()).to_numpy()
-    cols = [_as_float(events.column(c)) for c in layout.columns]
+    events, ecode, qcode, ts, cols = sorted_events(layout, events, entity)
     n = len(ts)
     tmin = int(min(ts.min() if n else 0, at_ms.min() if q else 0))
     span = int(max(ts.max() if n else 0, at_ms.max() if q else 0)) - tmin + 2
-    if (len(uniq) + 1) * span >= 2**62:
+    if (int(ecode.max(initial=-1)) + 2) * span >= 2**62:  # distinct entities + 1
         raise StoreError("training set spans too many entities and too long a time at once; split entity_df")
     key = ecode * span + (ts - tmin)
     idx = np.searchsorted(key, qcode * span + (at_ms - tmin), side="right") - 1  # last event <= t
