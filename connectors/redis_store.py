@@ -11,6 +11,8 @@ Layout, per view version (``ns`` = ``{prefix}:{view}:{version}``):
   ``count_distinct``, ``percentile``, ``top_k``...), the entity's log of object-tile records
   (engine.object_tiles), appended and rewritten together with its tile rows, in the same
   guarded script call, so the same guarantee covers it.
+- ``{ns}/r{seconds}:{entity}`` (with its own ``#g``, ``#o``, ``#lost`` and ``#epoch`` keys):
+  the coarse tiles of views with long windows (engine.levels), the same layout per level.
 - ``{ns}#lost``: entities whose keys expired (their TTL ran out while the worker was down or
   behind) when an append reached them: the script refuses such an append, since the tiles it
   does not carry would be missing, and adds the entity here; the dataflow then rewrites it
@@ -261,10 +263,21 @@ class RedisOnlineStore:
 
     def read_tiles(self, namespace: str, entities: list[str]) -> list[bytes]:
         """Each entity's packed row log (empty for an unknown or expired entity), in one MGET."""
+        return self.read_spaces([namespace], entities)[0]
+
+    def read_objects(self, namespace: str, entities: list[str]) -> list[tuple[bytes, bytes]]:
+        """Each entity's (row log, object-tile records), both in one MGET (one consistent view:
+        the script writes both keys of an entity atomically)."""
+        tiles, objs = self.read_spaces([namespace, self.objects_namespace(namespace)], entities)
+        return list(zip(tiles, objs, strict=True))
+
+    def read_spaces(self, namespaces: list[str], entities: list[str]) -> list[list[bytes]]:
+        """The value of every entity under each namespace (empty for a missing key), in one MGET:
+        one consistent read of an entity's tiles, object records, sessions and coarse levels."""
         if not entities:
-            return []
+            return [[] for _ in namespaces]
         try:
-            return [b or b"" for b in self.client.mget([namespace + e for e in entities])]
+            got = [b or b"" for b in self.client.mget([s + e for s in namespaces for e in entities])]
         except redis.RedisError as exc:
             hint = ""
             if isinstance(exc, redis.ConnectionError):
@@ -273,26 +286,15 @@ class RedisOnlineStore:
                     "(featurestream.connect() then finds it), `featurestream doctor` checks the settings"
                 )
             raise StoreError(f"online read from {redact_url(self.url)} failed: {exc}{hint}") from exc
-
-    def read_objects(self, namespace: str, entities: list[str]) -> list[tuple[bytes, bytes]]:
-        """Each entity's (row log, object-tile records), both in one MGET (one consistent view:
-        the script writes both keys of an entity atomically)."""
-        if not entities:
-            return []
-        objs = self.objects_namespace(namespace)
-        keys = [namespace + e for e in entities] + [objs + e for e in entities]
-        try:
-            got = [b or b"" for b in self.client.mget(keys)]
-        except redis.RedisError as exc:
-            raise StoreError(f"online read from {redact_url(self.url)} failed: {exc}") from exc
         n = len(entities)
-        return list(zip(got[:n], got[n:], strict=True))
+        return [got[i * n : (i + 1) * n] for i in range(len(namespaces))]
 
     def delete_namespace(self, namespace: str) -> int:
-        """Drop every key of one view version (retiring it)."""
+        """Drop every key of one view version (retiring it), its sub-namespaces' too (session
+        values and coarse tile levels: ``{ns}/...``)."""
         n = 0
         guards, objs = self.guard_namespace(namespace), self.objects_namespace(namespace)
-        for pattern in (namespace + "*", guards + "*", objs + "*"):
+        for pattern in (namespace + "*", guards + "*", objs + "*", namespace[:-1] + "/*"):
             for key in self.client.scan_iter(match=pattern, count=1000):
                 n += self.client.delete(key)
         n += self.client.delete(namespace[:-1] + "#epoch", self.lost_key(namespace))

@@ -37,6 +37,7 @@ from connectors.redis_store import RedisOnlineStore
 from engine.definitions import FeatureView, duration_ms
 from engine.errors import StoreError
 from engine.flow_io import STOP, DecodingKafkaSource, SourceBatch, request_stop
+from engine.levels import level_retention_ms
 from engine.object_tiles import object_text_columns
 from engine.observe import configure_logging
 from engine.redact import describe
@@ -327,7 +328,8 @@ def build_dataflow(
             add_table_view(flow, view, runtime, offline)
             continue
         layout = TileLayout.of(view)
-        retention = duration_ms(view.max_lookback) + duration_ms(view.allowed_lateness) + layout.tile_ms
+        lateness = duration_ms(view.allowed_lateness)
+        retention = level_retention_ms(view.tile_levels_ms, 0, view.aggregations, lateness)
         v = f"{view.name}_{view.version}"
         seed = seeds.get(view.version) if seeds is not None else find_handoff(runtime, view)
         batches = op.input(
@@ -394,8 +396,10 @@ def build_dataflow(
                 tile_flush=(runtime.offline_flush_rows, runtime.offline_flush_seconds),
             ),
         )
+        from engine.level_flow import add_levels  # imports this module
         from engine.session_flow import add_sessions  # imports this module
 
+        add_levels(keyed, view, runtime, v, seed)  # long windows: coarse tiles, their own keys
         add_sessions(keyed, view, runtime, v, seed)  # session windows: their own state and keys
     return flow
 

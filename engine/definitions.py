@@ -21,6 +21,7 @@ from engine._model import _check_field_names, _check_name, _check_topic, _Defini
 from engine.aggregations import FUNCTIONS, Aggregation, Derived, DriftThresholds, Window  # noqa: F401 (re-exported)
 from engine.durations import duration_ms, format_duration, parse_duration
 from engine.errors import DefinitionError
+from engine.levels import view_levels, window_precision_ms
 
 __all__ = [
     "Aggregation",
@@ -36,7 +37,6 @@ __all__ = [
 
 _FIELD = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,127}$")
 NUMERIC = frozenset({"int", "float", "bool"})
-MAX_TILES_PER_WINDOW = 10_000
 TEXT_FUNCTIONS = ("count", "first", "last", "last_n", "count_distinct", "top_k")  # text columns too
 
 
@@ -226,12 +226,10 @@ class FeatureView(_Definition):
                         f"tile_size {format_duration(self.tile_size)}; change the window or use a "
                         f"tile_size that divides it"
                     )
-            if duration_ms(w.size) // tile > MAX_TILES_PER_WINDOW:
-                raise ValueError(
-                    f"{where}: window {format_duration(w.size)} spans more than "
-                    f"{MAX_TILES_PER_WINDOW} tiles of {format_duration(self.tile_size)}; "
-                    f"use a coarser tile_size"
-                )
+            try:  # a long window reads coarse tiles (engine.levels); one no level bounds is refused
+                window_precision_ms(agg, tile)
+            except ValueError as exc:
+                raise ValueError(f"{where}: {exc}") from None
         _check_derived(names, self.derived)
         if self.ttl is not None and self.ttl < self.max_lookback:
             raise ValueError(
@@ -243,6 +241,19 @@ class FeatureView(_Definition):
     @cached_property
     def max_lookback(self) -> timedelta:
         return max(a.window.lookback for a in self.aggregations)
+
+    @cached_property
+    def tile_levels_ms(self) -> tuple[int, ...]:
+        """Tile sizes (ms) the view keeps, ``tile_size`` first, then the coarse levels its long
+        windows read (engine.levels); just ``(tile_size,)`` for most views."""
+        return view_levels(duration_ms(self.tile_size), self.aggregations)
+
+    def window_precision(self, feature: str) -> timedelta:
+        """The step a window's start moves in: ``tile_size``, or a coarse level for a long window."""
+        agg = self.aggregation(feature)
+        if not isinstance(agg, Aggregation):
+            raise DefinitionError(f"{feature!r} is a derived feature; ask for the aggregations it reads")
+        return timedelta(milliseconds=window_precision_ms(agg, duration_ms(self.tile_size)))
 
     @property
     def effective_ttl(self) -> timedelta:
@@ -317,6 +328,8 @@ class FeatureView(_Definition):
             # Only when set, so the versions of views without them stay as they were.
             **({"dedup_key": self.source.dedup_key} if self.source.dedup_key else {}),
             **({"derived": [[d.name, d.expression] for d in self.derived]} if self.derived else {}),
+            # Only with coarse levels (windows longer than 10,000 tiles, refused before them).
+            **({"tile_levels_ms": list(self.tile_levels_ms)} if len(self.tile_levels_ms) > 1 else {}),
         }
 
     @cached_property

@@ -3,11 +3,12 @@
 A backfill starts each source partition at an offset it chose (its seed) and ends at fixed end
 offsets. When it finishes, it leaves a *handoff* next to its recovery directory: the final
 snapshot of every source partition (offset, newest event time, topic id, recent dedup ids), of
-every tile shard and of every session shard (views with session windows). A worker that then
-serves the same view version, and has no recovery state for it, starts from that handoff: each
-partition continues at the backfill's end with the same watermark, each shard with the
-backfill's tiles and sessions. So nothing is read twice or skipped, and the online and offline
-stores (which the backfill wrote) keep growing from where it stopped.
+every tile shard, of every coarse tile level's shard (long windows) and of every session shard
+(views with session windows). A worker that then serves the same view version, and has no
+recovery state for it, starts from that handoff: each partition continues at the backfill's end
+with the same watermark, each shard with the backfill's tiles, coarse tiles and sessions. So
+nothing is read twice or skipped, and the online and offline stores (which the backfill wrote)
+keep growing from where it stopped.
 """
 
 from __future__ import annotations
@@ -39,7 +40,8 @@ HANDOFF_FILE = "handoff.pkl"
 class ViewSeed:
     """Starting state of one view version: ``sources`` (partition -> source snapshot),
     ``tiles`` (shard key -> :class:`TileState`), ``sessions`` (shard key ->
-    :class:`engine.sessions.SessionState`) and, for a bounded read, ``end_offsets``
+    :class:`engine.sessions.SessionState`), ``levels`` (coarse tile ms -> shard key ->
+    :class:`TileState`, engine.levels) and, for a bounded read, ``end_offsets``
     (partition -> first offset not read). ``namespace``/``shards`` say which online namespace
     and shard layout the tiles belong to."""
 
@@ -50,9 +52,11 @@ class ViewSeed:
     namespace: str = ""
     offline_version: int | None = None  # of the Delta table when the backfill ended (None: no table)
     sessions: dict[str, Any] = field(default_factory=dict)
+    levels: dict[int, dict[str, TileState]] = field(default_factory=dict)  # coarse tile ms -> shards
 
     def __setstate__(self, state: dict[str, Any]) -> None:
-        self.__dict__.update({"sessions": {}, **state})  # a handoff written before sessions had none
+        # A handoff written before sessions or coarse levels had none.
+        self.__dict__.update({"sessions": {}, "levels": {}, **state})
 
 
 class _SeededTileLogic(TileLogic):
@@ -118,6 +122,10 @@ def write_handoff(directory: Path, view: FeatureView, runtime: RuntimeConfig) ->
         sources={k: v for (s, k), v in states.items() if s == prefix + "source"},
         tiles={k: v for (s, k), v in states.items() if s == prefix + "tiles"},
         sessions={k: v for (s, k), v in states.items() if s == prefix + "sessions"},
+        levels={
+            r: {k: v for (s, k), v in states.items() if s == prefix + f"tiles_r{r // 1000}"}
+            for r in view.tile_levels_ms[1:]
+        },
         shards=runtime.shards,
         namespace=RedisOnlineStore.namespace_of(runtime.redis_prefix, view.name, view.version),
     )

@@ -22,6 +22,7 @@ import pyarrow.compute as pc
 
 from engine.definitions import Aggregation, Derived, FeatureView, duration_ms
 from engine.errors import StoreError
+from engine.levels import window_ranges
 from engine.object_tiles import build_states, decode_records, is_object, window_values
 from engine.tiles import (
     TILE,
@@ -33,7 +34,7 @@ from engine.tiles import (
     window_tile_range,
 )
 
-__all__ = ["FeatureValues", "online_values", "point_in_time_values", "with_derived"]
+__all__ = ["FeatureValues", "LevelBlobs", "online_values", "point_in_time_values", "with_derived"]
 
 FeatureValues = dict[str, tuple[np.ndarray, np.ndarray]]
 """feature name -> (values, event times in ms); NaN marks a null."""
@@ -86,6 +87,12 @@ def with_derived(
     return {k: v for k, v in values.items() if k in names}
 
 
+LevelBlobs = dict[int, tuple[list[bytes], list[bytes] | None]]
+"""Coarse tile size (ms) -> each entity's packed tiles of that level, and its object records
+(None for a view without object aggregations): what :func:`online_values` needs for views with
+long windows (engine.levels)."""
+
+
 def online_values(
     view: FeatureView,
     blobs: list[bytes],
@@ -93,12 +100,15 @@ def online_values(
     aggs: list[Aggregation | Derived],
     session_blobs: list[bytes] | None = None,
     objects: list[bytes] | None = None,
+    levels: LevelBlobs | None = None,
 ) -> FeatureValues:
     """Values for each entity whose packed tiles are ``blobs[i]``, as of ``at_ms``; session
     features come from its online session value ``session_blobs[i]`` (:mod:`engine.sessions`).
 
     Object aggregations (engine.object_tiles) need each entity's object-tile records
     ``objects[i]`` (``RedisOnlineStore.read_objects``); their values are str, list or float.
+    Long windows (engine.levels) read the coarse tiles in ``levels`` too
+    (``RedisOnlineStore.read_spaces`` under each ``engine.levels.level_namespace``).
     """
     from engine.sessions import online_session_values, with_sessions
 
@@ -107,7 +117,7 @@ def online_values(
         aggs,
         lambda a: with_sessions(
             a,
-            lambda t: _online_values(view, blobs, at_ms, t, objects),
+            lambda t: _online_values(view, blobs, at_ms, t, objects, levels),
             lambda s: online_session_values(view, session_blobs, at_ms, s),
         ),
     )
@@ -119,29 +129,53 @@ def _online_values(
     at_ms: int,
     aggs: list[Aggregation],
     objects: list[bytes] | None = None,
+    levels: LevelBlobs | None = None,
 ) -> FeatureValues:
     layout = TileLayout.of(view)
-    records = None
-    if any(is_object(a, view) for a in aggs):
-        if objects is None:
-            raise StoreError(
-                f"view {view.name!r} has object aggregations; read them with "
-                "RedisOnlineStore.read_objects and pass objects= to online_values"
-            )
-        records = [decode_records(layout.objects, b) for b in objects]
+    want_objects = any(is_object(a, view) for a in aggs)
+    if want_objects and objects is None:
+        raise StoreError(
+            f"view {view.name!r} has object aggregations; read them with "
+            "RedisOnlineStore.read_objects and pass objects= to online_values"
+        )
     n = len(blobs)
-    counts = np.fromiter((len(b) // layout.row_bytes for b in blobs), np.int64, n)
-    rows, gid = _current_tiles(layout, blobs, counts)
+    tiers: dict[int, tuple[np.ndarray, np.ndarray, list[dict[int, list]] | None]] = {}
+
+    def tier(level_ms: int) -> tuple[np.ndarray, np.ndarray, list[dict[int, list]] | None]:
+        """The current tiles (and object records) of one level, decoded once per read."""
+        if level_ms not in tiers:
+            if level_ms == layout.tile_ms:
+                tile_blobs, objs = blobs, objects
+            elif levels is None or level_ms not in levels:
+                raise StoreError(
+                    f"view {view.name!r} has windows read from {level_ms // 1000}s tiles; read them "
+                    "under engine.levels.level_namespace and pass levels= to online_values"
+                )
+            else:
+                tile_blobs, objs = levels[level_ms]
+            counts = np.fromiter((len(b) // layout.row_bytes for b in tile_blobs), np.int64, n)
+            rows, gid = _current_tiles(layout, tile_blobs, counts)
+            records = [decode_records(layout.objects, b) for b in objs] if want_objects and objs else None
+            tiers[level_ms] = (rows, gid, records)
+        return tiers[level_ms]
+
     out: FeatureValues = {}
-    t = np.array([at_ms], dtype=np.int64)
     for group in _by_window(aggs).values():
-        lo, hi, _ = window_tile_range(group[0], layout.tile_ms, t)
-        mask = (rows[:, TILE] >= lo[0]) & (rows[:, TILE] <= hi[0])
-        partial = combine(layout, rows[mask], gid[mask], n)
+        picked, owners = [], []
         objs = [a for a in group if is_object(a, view)]
-        if objs and records is not None:
-            lo_t, hi_t = int(lo[0]), int(hi[0])
-            windows = [{t: v for t, v in r.items() if lo_t <= t <= hi_t} for r in records]
+        windows: list[dict[int, list]] = [{} for _ in range(n)] if objs else []
+        for level_ms, lo, hi in window_ranges(view.tile_levels_ms, group[0], at_ms):
+            rows, gid, records = tier(level_ms)
+            mask = (rows[:, TILE] >= lo) & (rows[:, TILE] <= hi)
+            picked.append(rows[mask])
+            owners.append(gid[mask])
+            for win, rec in zip(windows, records or [], strict=False):  # ordered by tile start
+                win.update({t * level_ms: v for t, v in rec.items() if lo <= t <= hi})
+        if picked:
+            partial = combine(layout, np.concatenate(picked), np.concatenate(owners), n)
+        else:
+            partial = layout.empty(n)
+        if objs:
             found = window_values(view, layout.objects, objs, windows)
         for a in group:
             value = found[a.feature_name] if is_object(a, view) else finalize(layout, partial, a)

@@ -12,26 +12,22 @@ finished backfill starts each shard from the backfill's sessions (``engine.hando
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from typing import Any
 
 import bytewax.operators as op
 from bytewax.operators import StatefulBatchLogic
-from bytewax.outputs import FixedPartitionedSink, StatefulSinkPartition
 
 from connectors.kafka import partition_count
 from connectors.redis_store import RedisOnlineStore
 from engine.dataflow import OnlineEpochWatch, RuntimeConfig, ShardEvents, TileLogic
 from engine.definitions import FeatureView, duration_ms
 from engine.handoff import ViewSeed, _SeededTileLogic
+from engine.namespace_sink import NamespaceSink
 from engine.sessions import SessionState, has_sessions, session_gaps, session_namespace
-from engine.sinks import TimedUpdate, _instrument, _SharedWriters, _store_writer, shard_key
-from engine.snapshots import snapshots_wanted
-from engine.state import TileUpdate
+from engine.sinks import TimedUpdate
 from engine.tiles import TileLayout
-from engine.writer import BackgroundWriter
 
-__all__ = ["SessionLogic", "SessionSink", "add_sessions"]
+__all__ = ["SessionLogic", "add_sessions"]
 
 
 def add_sessions(
@@ -64,9 +60,11 @@ def add_sessions(
         return logic
 
     sessions = op.stateful_batch(f"{step}_sessions", keyed, builder)
-    op.output(
-        f"{step}_sessions_online", sessions, SessionSink(runtime.redis_url, view, runtime.shards, namespace)
-    )
+    # Session keys expire after the view's ttl without writes, and never when it is unset: the
+    # last closed session stays readable however long the entity is idle.
+    ttl_ms = duration_ms(view.ttl) if view.ttl is not None else 0
+    sink = NamespaceSink(runtime.redis_url, view, runtime.shards, namespace, ttl_ms, "redis-sessions")
+    op.output(f"{step}_sessions_online", sessions, sink)
 
 
 class SessionLogic(TileLogic):
@@ -84,61 +82,3 @@ class SessionLogic(TileLogic):
 
 class _SeededSessionLogic(_SeededTileLogic, SessionLogic):
     """:class:`SessionLogic` that swaps in the seed's sessions of its shard with its first events."""
-
-
-class _SessionPartition(StatefulSinkPartition[TimedUpdate, None]):
-    def __init__(self, writer: BackgroundWriter[Any], release: Callable[[], None]) -> None:
-        self.writer = writer
-        self.release = release
-
-    def write_batch(self, items: list[TimedUpdate]) -> None:
-        self.writer.submit(items)
-
-    def snapshot(self) -> None:
-        if snapshots_wanted():  # the epoch's snapshot counts only once its writes are stored
-            self.writer.drain()
-        else:
-            self.writer.check()
-
-    def close(self) -> None:
-        self.writer.finish()
-        self.release()
-
-
-class SessionSink(FixedPartitionedSink[TimedUpdate, None]):
-    """Session values to Redis under ``namespace``, keyed by entity shard, in order per shard.
-
-    Delivery: effectively-once per entity (see the module docstring). Keys expire after the
-    view's ``ttl`` without writes, and never when it is unset: the last closed session stays
-    readable however long the entity is idle.
-    """
-
-    def __init__(self, url: str, view: FeatureView, shards: int, namespace: str) -> None:
-        self.url = url
-        self.view = view
-        self.shards = shards
-        self.namespace = namespace
-
-    def list_parts(self) -> list[str]:
-        return [shard_key(i) for i in range(self.shards)]
-
-    def part_fn(self, item_key: str) -> int:
-        return int(item_key[1:])
-
-    def build_part(self, step_id: str, for_part: str, resume_state: None) -> _SessionPartition:
-        view, namespace = self.view, self.namespace
-        key = ("redis-sessions", self.url, namespace)
-        ttl_ms = duration_ms(view.ttl) if view.ttl is not None else 0
-        row_bytes = TileLayout.of(view).row_bytes
-
-        def make() -> BackgroundWriter[Any]:
-            store = RedisOnlineStore(self.url)
-
-            def write(items: list[TimedUpdate | TileUpdate]) -> None:
-                updates = [i.update if isinstance(i, TimedUpdate) else i for i in items]
-                store.write(namespace, updates, ttl_ms, row_bytes)
-
-            return _store_writer("redis", view, _instrument("redis-sessions", view, write), depth=4)
-
-        writer = _SharedWriters.acquire(key, make)
-        return _SessionPartition(writer, lambda: _SharedWriters.release(key))

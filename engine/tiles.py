@@ -18,6 +18,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from engine.definitions import Aggregation, FeatureView, duration_ms
+from engine.levels import window_precision_ms
 from engine.object_tiles import ObjectSpec, object_specs
 
 __all__ = [
@@ -227,14 +228,17 @@ def window_tile_range(agg: Aggregation, tile_ms: int, t: np.ndarray) -> tuple[np
     """Inclusive tile-number range each read time ``t`` (ms) covers for ``agg``'s window.
 
     Returns ``(lo, hi, head_is_partial)``: for sliding windows the last tile is the one holding
-    ``t`` and only events up to ``t`` count; hopping and tumbling windows end on a hop boundary
-    at or before ``t`` and cover whole tiles only.
+    ``t`` and only events up to ``t`` count, and the first starts on a boundary of the window's
+    precision (:func:`engine.levels.window_precision_ms`: the tile size, or a coarse level for a
+    long window); hopping and tumbling windows end on a hop boundary at or before ``t`` and
+    cover whole tiles only.
     """
     w = agg.window
     size = duration_ms(w.size)
     t = np.asarray(t, dtype=np.int64)
     if w.kind == "sliding":
-        return (t - size) // tile_ms + 1, t // tile_ms, True
+        r = window_precision_ms(agg, tile_ms)  # a long window's start moves in coarse steps
+        return ((t - size) // r + 1) * (r // tile_ms), t // tile_ms, True
     hop = duration_ms(w.hop_or_size)
     end = (t // hop) * hop
     return (end - size) // tile_ms, end // tile_ms - 1, False

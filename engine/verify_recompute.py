@@ -23,6 +23,7 @@ import numpy as np
 
 from engine.aggregations import Aggregation
 from engine.definitions import FeatureView, duration_ms
+from engine.levels import window_precision_ms
 from engine.sketches import DISTINCT_K
 
 __all__ = ["NOT_JUDGED", "RECOMPUTED", "checkable", "recompute", "same"]
@@ -59,8 +60,9 @@ def _window(agg: Aggregation, tile_ms: int, ts: np.ndarray, t: int) -> np.ndarra
     size = duration_ms(w.size)
     if w.kind == "session":
         return _session(size, w.which or "current", ts, t)
-    if w.kind == "sliding":
-        return (ts <= t) & ((ts // tile_ms) * tile_ms > t - size)
+    if w.kind == "sliding":  # a long window's start moves in steps of its precision
+        r = window_precision_ms(agg, tile_ms)
+        return (ts <= t) & ((ts // r) * r > t - size)
     hop = duration_ms(w.hop) if w.kind == "hopping" and w.hop is not None else size
     end = (t // hop) * hop
     return (ts >= end - size) & (ts < end)

@@ -17,11 +17,10 @@ from connectors.redis_table_store import RedisTableStore
 from engine.decode import entity_id
 from engine.definitions import Aggregation, FeatureView
 from engine.errors import DefinitionError, FeaturestreamError
+from engine.online_read import read_view
 from engine.reads import online_values
-from engine.sessions import has_sessions, session_namespace
 from engine.table_definitions import TableView
 from engine.table_reads import online_table_values
-from engine.tiles import TileLayout
 from featurestream.training import (
     TRAINING_SET_ID,
     absolute,
@@ -188,16 +187,9 @@ class FeatureStore:
                     values[f"{ref}:{name}"] = vals
                     times[f"{ref}:{name}"] = ts
                 continue
-            sessions = None  # session windows: the entities' session values (engine.sessions)
-            if has_sessions(view):
-                sessions = self.online.read_tiles(session_namespace(ns), self._entity_ids(view, rows))
-            if TileLayout.of(view).objects:  # object aggregations: tiles and records in one read
-                pairs = self.online.read_objects(ns, self._entity_ids(view, rows))
-                blobs, objs = [p[0] for p in pairs], [p[1] for p in pairs]
-                results = online_values(view, blobs, at_ms, aggs, objects=objs, session_blobs=sessions)
-            else:
-                blobs = self.online.read_tiles(ns, self._entity_ids(view, rows))
-                results = online_values(view, blobs, at_ms, aggs, session_blobs=sessions)
+            # Tiles, object records, session values and coarse levels, in one round trip.
+            found = read_view(self.online, view, ns, self._entity_ids(view, rows))
+            results = online_values(view, at_ms=at_ms, aggs=aggs, **found)
             for agg in aggs:
                 vals, ts = results[agg.feature_name]
                 values[f"{ref}:{agg.feature_name}"] = _py_values(vals, agg)

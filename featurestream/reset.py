@@ -25,6 +25,7 @@ from connectors.delta_tiles import tiles_uri
 from connectors.redis_store import RedisOnlineStore
 from engine.definitions import FeatureView
 from engine.errors import FeaturestreamError
+from engine.levels import level_namespace
 from engine.sessions import has_sessions, session_namespace
 from featurestream.config import Settings
 from featurestream.local.services import embedded_status
@@ -70,6 +71,7 @@ def plan_reset(views: list[FeatureView], settings: Settings, recovery_dir: Path 
             plan.namespaces.append(ns)
             if has_sessions(v):
                 plan.namespaces.append(session_namespace(ns))
+            plan.namespaces += [level_namespace(ns, r) for r in v.tile_levels_ms[1:]]  # long windows
     offline = DeltaOfflineStore(settings.resolved_delta_uri(), settings.delta_storage_options)
     for v in views:
         events = offline.table_uri(v.name, v.version)

@@ -75,11 +75,20 @@ def test_hop_not_multiple_of_tile_size() -> None:
 
 
 def test_too_many_tiles() -> None:
+    # 10,800 tiles of 1s: the window reads 1-hour tiles for its tail (engine.levels) ...
     aggs = (Aggregation(function="count", window="3h"),)
+    assert view(aggregations=aggs, tile_size="1s").tile_levels_ms == (1000, 3_600_000)
+    assert view(aggregations=aggs, tile_size="10s").tile_levels_ms == (10_000,)
+    # ... but no coarse tile divides a tumbling 3h30m window: refused, naming the fix.
+    odd = (Aggregation(function="count", window=Window.tumbling("210m")),)
     fails(
-        lambda: view(aggregations=aggs, tile_size="1s"), "aggregations.0", "10000 tiles", "coarser tile_size"
+        lambda: view(aggregations=odd, tile_size="1s"),
+        "aggregations.0",
+        "10000 tiles",
+        "whole hours or days",
+        "coarser tile_size",
     )
-    assert view(aggregations=aggs, tile_size="10s")
+    assert view(aggregations=odd, tile_size="10s")
 
 
 def test_ttl_shorter_than_longest_window() -> None:

@@ -12,13 +12,14 @@ from __future__ import annotations
 
 import asyncio
 import time
+from typing import Any
 
 import redis
 
 from connectors.redis_store import RedisOnlineStore
 from engine.errors import StoreError
+from engine.online_read import read_view
 from engine.redact import redact_text
-from engine.sessions import session_namespace
 from featurestream.server.catalog import Selection
 from featurestream.server.errors import ApiError
 from featurestream.server.metrics import ServerMetrics
@@ -70,10 +71,10 @@ class ReadBatcher:
         ns = self.store.namespace(sel.view.name, sel.view.version)
         plan = sel.plan or sel.reader.plan(sel.aggs)
         try:
-            if plan.sessions or plan.objects:
-                blobs, objects, sessions = self._read_all(ns, ids, plan)
+            if plan.general:
+                found = self._read_all(sel, ns, ids, plan)
             else:
-                blobs, objects, sessions = self.store.read_tiles(ns, ids), None, None
+                found = {"blobs": self.store.read_tiles(ns, ids)}
         except (StoreError, redis.RedisError) as exc:
             self.metrics.redis_errors.inc(len(items))
             raise ApiError(
@@ -83,7 +84,16 @@ class ReadBatcher:
                 fix="retry shortly; the server reconnects by itself when Redis is back",
                 headers={"Retry-After": "1"},
             ) from None
-        block = sel.reader.read(blobs, at_ms, plan, ids, self.cache, objects=objects, sessions=sessions)
+        block = sel.reader.read(
+            found["blobs"],
+            at_ms,
+            plan,
+            ids,
+            self.cache,
+            objects=found.get("objects"),
+            sessions=found.get("session_blobs"),
+            levels=found.get("levels"),
+        )
         self.metrics.batch.observe(len(items))
         if len(items) == 1:
             return [block]
@@ -102,20 +112,7 @@ class ReadBatcher:
             start = end
         return out
 
-    def _read_all(
-        self, ns: str, ids: list[str], plan: Plan
-    ) -> tuple[list[bytes], list[bytes] | None, list[bytes] | None]:
-        """Tile logs, object-tile records and session values the plan needs, in one MGET."""
-        if not ids:
-            return [], [] if plan.objects else None, [] if plan.sessions else None
-        spaces = [ns]
-        if plan.objects:
-            spaces.append(self.store.objects_namespace(ns))
-        if plan.sessions:
-            spaces.append(session_namespace(ns))
-        got = [b or b"" for b in self.store.client.mget([s + e for s in spaces for e in ids])]
-        n = len(ids)
-        parts = [got[i * n : (i + 1) * n] for i in range(len(spaces))]
-        objects = parts[1] if plan.objects else None
-        sessions = parts[-1] if plan.sessions else None
-        return parts[0], objects, sessions
+    def _read_all(self, sel: Selection, ns: str, ids: list[str], plan: Plan) -> dict[str, Any]:
+        """Tile logs, object-tile records, session values and coarse levels the plan needs, in
+        one MGET."""
+        return read_view(self.store, sel.view, ns, ids, objects=plan.objects, sessions=plan.sessions)

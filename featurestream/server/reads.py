@@ -33,8 +33,9 @@ import numpy as np
 import pyarrow as pa
 
 from engine.definitions import Aggregation, Derived, FeatureView, duration_ms
+from engine.levels import window_precision_ms
 from engine.object_tiles import is_object, numeric_result
-from engine.reads import _current_tiles, online_values, with_derived
+from engine.reads import LevelBlobs, _current_tiles, online_values, with_derived
 from engine.sessions import is_session
 from engine.tiles import MAXTS, TILE, N, TileLayout, combine, event_time, finalize, window_tile_range
 
@@ -74,7 +75,13 @@ class ViewReader:
             self._window[a.feature_name] = windows[w]
         self.n_windows = len(windows)
         # Numeric tile aggregations: read here; sessions and object aggregations: see plan().
-        tiled = [a for a in view.aggregations if not is_session(a) and not is_object(a, view)]
+        # Long windows (engine.levels) read coarse tiles too: by online_values, like sessions.
+        tile_ms = self.layout.tile_ms
+        tiled = [
+            a
+            for a in view.aggregations
+            if not is_session(a) and not is_object(a, view) and window_precision_ms(a, tile_ms) == tile_ms
+        ]
         self._index = {a.feature_name: i for i, a in enumerate(tiled)}
         self._full: Plan | None = None
 
@@ -100,6 +107,7 @@ class ViewReader:
             feature_idx=_NONE,
             sessions=any(is_session(a) for a in aggs),
             objects=any(is_object(a, self.view) for a in aggs),
+            general=True,
         )
 
     def _plan(self, features: list[Aggregation | Derived]) -> Plan:
@@ -155,14 +163,15 @@ class ViewReader:
         cache: ReadCache | None = None,
         objects: list[bytes] | None = None,
         sessions: list[bytes] | None = None,
+        levels: LevelBlobs | None = None,
     ) -> Block:
         """Values of ``features`` (or a :meth:`plan` of them) for the entities whose tile logs
         are ``blobs``, as of ``at_ms``; with ``ids`` and a ``cache``, unchanged entities are not
         recomputed within a tile (the cache holds aggregations; derived values are evaluated
         from them on every read, so they can never disagree)."""
         plan = features if isinstance(features, Plan) else self.plan(features)
-        if plan.sessions or plan.objects:
-            return self._general(blobs, at_ms, plan, objects, sessions)
+        if plan.general:
+            return self._general(blobs, at_ms, plan, objects, sessions, levels)
         if ids is None or cache is None or not cache.enabled:
             values, times, has_data, newest = self._compute(blobs, at_ms, plan)
         else:
@@ -183,12 +192,15 @@ class ViewReader:
         plan: Plan,
         objects: list[bytes] | None,
         sessions: list[bytes] | None,
+        levels: LevelBlobs | None = None,
     ) -> Block:
         """Values of a plan with session or object features, by :func:`engine.reads.online_values`
         (the client's own read, derived features included), with the statuses of :meth:`read`.
         Object values (str, lists, structs) make the block's values an object array."""
         n = len(blobs)
-        found = online_values(self.view, blobs, at_ms, plan.features, session_blobs=sessions, objects=objects)
+        found = online_values(
+            self.view, blobs, at_ms, plan.features, session_blobs=sessions, objects=objects, levels=levels
+        )
         cols = [found[f.feature_name][0] for f in plan.features]
         mixed = any(c.dtype == object for c in cols)
         values = np.empty((len(cols), n), dtype=object if mixed else np.float64)
@@ -205,9 +217,13 @@ class ViewReader:
         has_data = np.bincount(gid, minlength=n) > 0
         newest = np.full(n, np.nan)
         np.fmax.at(newest, gid, rows[:, MAXTS])
-        for extra in (objects, sessions):
+        for extra in (objects, sessions, *(tiles for tiles, _ in (levels or {}).values())):
             if extra is not None:
                 has_data |= np.fromiter((len(b) > 0 for b in extra), bool, n)
+        for tiles, _ in (levels or {}).values():  # an entity idle for days has coarse tiles only
+            counts = np.fromiter((len(b) // self.layout.row_bytes for b in tiles), np.int64, n)
+            rows, gid = _current_tiles(self.layout, tiles, counts)
+            np.fmax.at(newest, gid, rows[:, MAXTS])
         if sessions is not None:
             np.fmax(newest, self._session_newest(sessions), out=newest)
         with np.errstate(invalid="ignore"):
@@ -371,3 +387,4 @@ class Plan:
     feature_idx: np.ndarray  # position of each of ``aggs`` in the view's aggregations
     sessions: bool = False  # reads session features: the entities' session values too
     objects: bool = False  # reads object aggregations: the entities' object-tile records too
+    general: bool = False  # read by engine.reads.online_values (sessions, objects, long windows)
