@@ -8,6 +8,7 @@
 ./run bench serve                # feature server p50/p99 and requests/s (benchmarks/serve.py)
 ./run bench cdc                  # table view: Debezium changes/s to Redis + Delta (benchmarks/cdc.py)
 ./run bench training             # point-in-time training set rows/s (benchmarks/training.py)
+./run bench long-windows         # online reads of 90-day windows (benchmarks/long_windows.py)
 
 The throughput case produces the events first, then runs ``featurestream run --bounded -p N -w W``
 as its own process tree for each N, on an empty Redis and Delta: the throughput is the events over
@@ -135,6 +136,10 @@ def main() -> None:
         from benchmarks.training import main as training
 
         sys.exit(training(sys.argv[2:]))
+    if sys.argv[1:2] == ["long-windows"]:
+        from benchmarks.long_windows import main as long_windows
+
+        sys.exit(long_windows(sys.argv[2:]))
     if sys.argv[1:2] == ["serve"]:
         from benchmarks.serve import main as serve
 

@@ -159,24 +159,29 @@ def _online_values(
             tiers[level_ms] = (rows, gid, records)
         return tiers[level_ms]
 
-    out: FeatureValues = {}
-    for group in _by_window(aggs).values():
-        picked, owners = [], []
+    # One combine for every window: rows of window g and entity e go to partial g * n + e.
+    groups = list(_by_window(aggs).values())
+    picked, owners = [], []
+    found: dict[str, np.ndarray] = {}
+    for g, group in enumerate(groups):
         objs = [a for a in group if is_object(a, view)]
         windows: list[dict[int, list]] = [{} for _ in range(n)] if objs else []
         for level_ms, lo, hi in window_ranges(view.tile_levels_ms, group[0], at_ms):
             rows, gid, records = tier(level_ms)
             mask = (rows[:, TILE] >= lo) & (rows[:, TILE] <= hi)
             picked.append(rows[mask])
-            owners.append(gid[mask])
+            owners.append(gid[mask] + g * n)
             for win, rec in zip(windows, records or [], strict=False):  # ordered by tile start
                 win.update({t * level_ms: v for t, v in rec.items() if lo <= t <= hi})
-        if picked:
-            partial = combine(layout, np.concatenate(picked), np.concatenate(owners), n)
-        else:
-            partial = layout.empty(n)
         if objs:
-            found = window_values(view, layout.objects, objs, windows)
+            found.update(window_values(view, layout.objects, objs, windows))
+    if picked:
+        partials = combine(layout, np.concatenate(picked), np.concatenate(owners), n * len(groups))
+    else:
+        partials = layout.empty(n * len(groups))
+    out: FeatureValues = {}
+    for g, group in enumerate(groups):
+        partial = partials[g * n : (g + 1) * n]
         for a in group:
             value = found[a.feature_name] if is_object(a, view) else finalize(layout, partial, a)
             out[a.feature_name] = (value, event_time(layout, partial, a))
