@@ -378,8 +378,9 @@ def build_dataflow(
             retention: int = retention,
             namespace: str = namespace,
             seed: Any = seed,
+            ttl_ms: int = duration_ms(view.effective_ttl),
         ) -> TileLogic:
-            state = resume if resume is not None else TileState(layout, retention)
+            state = resume if resume is not None else TileState(layout, retention, ttl_ms)
             logic = TileLogic(state, OnlineEpochWatch(runtime.redis_url, namespace))
             return seeded(logic, seed) if resume is None and seed and seed.tiles else logic
 

@@ -56,7 +56,7 @@ def add_levels(
             namespace: str = namespace,
             states: dict[str, TileState] = states,
         ) -> TileLogic:
-            state = resume if resume is not None else TileState(layout, retention)
+            state = resume if resume is not None else TileState(layout, retention, ttl_ms)
             logic = TileLogic(state, OnlineEpochWatch(runtime.redis_url, namespace))
             if resume is None and seed is not None and states:
                 return _SeededTileLogic(logic, seed, states)

@@ -16,6 +16,7 @@ position in it is at or below what it holds (a replay of data it already has).
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, replace
 
 import numpy as np
@@ -63,9 +64,11 @@ class TileState:
     so eviction runs once per several tiles of event time rather than every batch.
     """
 
-    def __init__(self, layout: TileLayout, retention_ms: int) -> None:
+    def __init__(self, layout: TileLayout, retention_ms: int, ttl_ms: int = 0) -> None:
         self.layout = layout
         self.retention_ms = retention_ms
+        self.ttl_ms = ttl_ms  # the online keys' TTL (0: none), see _stale
+        self.written = np.zeros(64, dtype=np.float64)  # wall clock of each entity's last write
         self.slack_tiles = max(4, (retention_ms // layout.tile_ms) // 8)
         self.entities: list[str] = []
         self.entity_index: dict[str, int] = {}
@@ -129,7 +132,7 @@ class TileState:
         # An entity's first write replaces (all its tiles are in it): the store refuses an append
         # to an entity without keys, as its older tiles would be missing (expired keys).
         logged = self.logged[touched]
-        rewrite = (logged + counts > 2 * live + _LOG_SLACK) | (logged == 0)
+        rewrite = (logged + counts > 2 * live + _LOG_SLACK) | (logged == 0) | self._stale(touched)
         self.logged[touched] += counts
         if not rewrite.any():
             return self._with_objects(self._update(touched, changed, cut, rewrite), records)
@@ -185,6 +188,22 @@ class TileState:
         for k in np.unique(keys).tolist():
             out.setdefault(k >> 32, []).append(encode_record(specs, k & 0xFFFFFFFF, store[k]))
         return out
+
+    def _stale(self, ents: np.ndarray) -> np.ndarray:
+        """Entities whose online keys may have expired since their last write (idle for most of
+        the TTL): they get a whole rewrite, not an append the store would refuse. The store's
+        refusal (``{ns}#lost``) stays the backstop; this keeps a bounded run that ends right
+        after such an append from leaving the entity missing online."""
+        now = time.time()
+        written = getattr(self, "written", None)
+        if written is None or len(written) < len(self.ops):  # a state saved before, or grown
+            old = written if written is not None else np.zeros(0)
+            written = self.written = np.full(len(self.ops), now)
+            written[: len(old)] = old
+        ttl = getattr(self, "ttl_ms", 0)
+        stale = (now - written[ents]) * 1000 >= 0.8 * ttl if ttl else np.zeros(len(ents), bool)
+        written[ents] = now
+        return stale
 
     def _live_records(self, e: int) -> bytes:
         specs, store = self.layout.objects, self.objects
