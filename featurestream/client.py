@@ -21,6 +21,7 @@ from engine.online_read import read_view
 from engine.reads import online_values
 from engine.table_definitions import TableView
 from engine.table_reads import online_table_values
+from featurestream.server.reads import Plan, ViewReader
 from featurestream.training import (
     TRAINING_SET_ID,
     absolute,
@@ -82,6 +83,7 @@ class FeatureStore:
         self.views = {v.name: v for v in views}
         self.online = RedisTableStore(redis_url, redis_prefix)  # tiles and table values
         self._resolved: dict[tuple[str, ...], dict[str, list[Aggregation]]] = {}
+        self._plans: dict[tuple[str, ...], tuple[ViewReader, Plan]] = {}
         self.offline = DeltaOfflineStore(delta_uri, delta_storage_options)
         self.registry = registry
 
@@ -101,6 +103,15 @@ class FeatureStore:
                     self._check_not_retired(self.views[view_ref])
             self._resolved[key] = _resolve(self.views, features)
         return self._resolved[key]
+
+    def _plan(self, view: FeatureView, aggs: list[Aggregation]) -> tuple[ViewReader, Plan]:
+        """The view's reader and its plan for ``aggs``, made once per view and request shape."""
+        key = (view.version, *(a.feature_name for a in aggs))
+        found = self._plans.get(key)
+        if found is None or found[0].view is not view:
+            reader = ViewReader(view)
+            found = self._plans[key] = (reader, reader.plan(aggs))  # type: ignore[arg-type]
+        return found
 
     def _check_not_retired(self, view: FeatureView) -> None:
         """A definition whose registered version was retired is no longer served."""
@@ -187,9 +198,13 @@ class FeatureStore:
                     values[f"{ref}:{name}"] = vals
                     times[f"{ref}:{name}"] = ts
                 continue
-            # Tiles, object records, session values and coarse levels, in one round trip.
-            found = read_view(self.online, view, ns, self._entity_ids(view, rows))
-            results = online_values(view, at_ms=at_ms, aggs=aggs, **found)
+            reader, plan = self._plan(view, aggs)
+            if not plan.general:  # numeric tile features: every window in one pass
+                block = reader.read(self.online.read_tiles(ns, self._entity_ids(view, rows)), at_ms, plan)
+                results = {a.feature_name: (block.values[i], block.times[i]) for i, a in enumerate(aggs)}
+            else:  # tiles, object records, session values and coarse levels, in one round trip
+                found = read_view(self.online, view, ns, self._entity_ids(view, rows))
+                results = online_values(view, at_ms=at_ms, aggs=aggs, **found)
             for agg in aggs:
                 vals, ts = results[agg.feature_name]
                 values[f"{ref}:{agg.feature_name}"] = _py_values(vals, agg)
