@@ -12,40 +12,34 @@ so any worker count or process count works with the same state layout.
 
 from __future__ import annotations
 
-import copy
 import gc
 import logging
 import os
 import signal
 import threading
-import time
-import zlib
-from dataclasses import dataclass, field
-from datetime import UTC, datetime, timedelta
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
 import bytewax.operators as op
-import numpy as np
-import pyarrow as pa
 from bytewax.dataflow import Dataflow
-from bytewax.operators import StatefulBatchLogic
 from pydantic import BaseModel, ConfigDict, Field
 
 from connectors.delta_store import DeltaOfflineStore
 from connectors.redis_store import RedisOnlineStore
 from engine.definitions import FeatureView, duration_ms
-from engine.errors import StoreError
-from engine.flow_io import STOP, DecodingKafkaSource, SourceBatch, request_stop
+from engine.flow_io import STOP, DecodingKafkaSource, request_stop
 from engine.levels import level_retention_ms
 from engine.object_tiles import object_text_columns
 from engine.observe import configure_logging
 from engine.redact import describe
-from engine.sinks import DeadLetterSink, OfflineSink, OnlineSink, TimedUpdate, partition_key, shard_key
-from engine.snapshots import snapshots_needed, snapshots_wanted
+from engine.shards import ShardEvents, shard_of, split_shards  # noqa: F401 (re-exported)
+from engine.sinks import DeadLetterSink, OfflineSink, OnlineSink, partition_key
+from engine.snapshots import snapshots_needed
 from engine.state import TileState
 from engine.table_definitions import TableView
 from engine.table_flow import add_table_view
+from engine.tile_logic import OnlineEpochWatch, TileLogic
 from engine.tiles import TileLayout
 from engine.writer import new_run
 
@@ -82,198 +76,6 @@ class RuntimeConfig(BaseModel):
     consumer_config: dict[str, Any] = {}
     kafka_config: dict[str, Any] = {}  # librdkafka settings for every client (SASL/SSL...)
     backfill_dir: str | None = None  # finished backfills hand their state over from here (engine.handoff)
-
-
-@dataclass
-class ShardEvents:
-    """The events of one batch that belong to one shard; ``keys[codes[i]]`` is event i's entity."""
-
-    keys: list[str]
-    codes: np.ndarray
-    ts: np.ndarray
-    columns: list[np.ndarray]
-    read_at: float = 0.0  # when the batch was read from Kafka (wall clock)
-    produced_at: float = float("nan")  # oldest Kafka message timestamp of the source batch
-    partition: int = 0
-    offsets: np.ndarray | None = None  # source offsets of the events, ascending
-    text: dict[str, list] = field(default_factory=dict)  # values of text columns object aggregations read
-
-
-def shard_of(entity: str, shards: int) -> int:
-    return zlib.crc32(entity.encode()) % shards
-
-
-def split_shards(
-    batch: SourceBatch, shards: int, text_columns: tuple[str, ...] = ()
-) -> list[tuple[str, ShardEvents]]:
-    """The batch's events by shard; ``text_columns`` are text columns whose values go along."""
-    if not batch.entity:
-        return []
-    enc = pa.array(batch.entity, pa.string()).dictionary_encode()
-    uniq = enc.dictionary.to_pylist()
-    codes = enc.indices.to_numpy()
-    shard = np.fromiter((zlib.crc32(k.encode()) % shards for k in uniq), np.int64, len(uniq))[codes]
-    order = np.argsort(shard, kind="stable")
-    sorted_shards = shard[order]
-    cuts = np.flatnonzero(np.concatenate(([True], sorted_shards[1:] != sorted_shards[:-1])))
-    bounds = np.concatenate((cuts, [len(order)]))
-    text = {c: np.array(batch.text[c], dtype=object) for c in text_columns}
-    out = []
-    for a, b in zip(bounds[:-1].tolist(), bounds[1:].tolist(), strict=True):
-        idx = order[a:b]
-        used, local = np.unique(codes[idx], return_inverse=True)
-        out.append(
-            (
-                shard_key(int(sorted_shards[a])),
-                ShardEvents(
-                    keys=[uniq[u] for u in used.tolist()],
-                    codes=local,
-                    ts=batch.ts[idx],
-                    columns=[c[idx] for c in batch.columns],
-                    read_at=batch.read_at,
-                    produced_at=batch.produced_at,
-                    partition=batch.partition,
-                    offsets=batch.offsets[idx],
-                    text={c: v[idx].tolist() for c, v in text.items()},
-                ),
-            )
-        )
-    return out
-
-
-class OnlineEpochWatch:
-    """Notices when the online store lost its data (its epoch token changed), at most every
-    ``interval`` seconds, so the tile state can rewrite every entity it holds.
-
-    Uses its own client with short timeouts: it runs on the dataflow thread, which must not
-    stall while Redis is down (then it checks again after ``interval``). The shards of one
-    namespace in a process share each answer for ``interval`` (one round trip per interval, not
-    one per shard: 32 blocking calls a second on the dataflow thread were a sixth of its time at
-    1k events/s), so a loss is noticed within two intervals.
-    """
-
-    _answers: dict[tuple[str, str], tuple[float, str | None, frozenset[str]]] = {}
-    _lock = threading.Lock()
-
-    def __init__(self, url: str, namespace: str, interval: float = 1.0) -> None:
-        self.store = RedisOnlineStore(url, socket_timeout=0.5, connect_timeout=0.5)
-        self.url = url
-        self.namespace = namespace
-        self.interval = interval
-        self.next_check = 0.0
-        self.lost: frozenset[str] = frozenset()  # entities whose keys expired, as last asked
-
-    @classmethod
-    def forget(cls) -> None:
-        """A new run starts in this process: ask the store afresh."""
-        with cls._lock:
-            cls._answers.clear()
-
-    def due(self) -> bool:
-        return time.monotonic() >= self.next_check
-
-    def lost_data(self, state: Any) -> bool:
-        """Whether the store lost what ``state`` (with ``online_epoch`` and ``entities``) wrote, so
-        every entity must be rewritten; records the store's new epoch in ``state``. Checks at
-        most every ``interval`` seconds."""
-        if not self.due():
-            return False
-        token = self.current()
-        if token is None or token == state.online_epoch:
-            return False
-        fresh = state.online_epoch is None and not state.entities  # nothing written yet
-        state.online_epoch = token
-        return not fresh
-
-    def current(self) -> str | None:
-        """The store's epoch token, or None when it cannot be asked now; also notes in ``lost``
-        the entities whose appends the store refused because their keys had expired."""
-        now = time.monotonic()
-        self.next_check = now + self.interval
-        key = (self.url, self.namespace)
-        with self._lock:
-            asked, token, lost = self._answers.get(key, (-np.inf, None, frozenset()))
-            if now - asked >= self.interval:
-                try:
-                    token = self.store.epoch(self.namespace)
-                    lost = frozenset(self.store.lost_entities(self.namespace))
-                except StoreError:
-                    token, lost = None, frozenset()
-                self._answers[key] = (time.monotonic(), token, lost)
-            self.lost = lost
-            return token
-
-    def take_lost(self, state: Any) -> list[str]:
-        """The entities of ``state`` whose keys expired (noted by the last :meth:`current`), taken
-        off the store's lost set; empty when it cannot be asked now."""
-        mine = [e for e in self.lost if e in state.entity_index]
-        self.lost = frozenset()
-        if not mine:
-            return []
-        try:
-            self.store.forget_lost(self.namespace, mine)
-        except StoreError:
-            return []  # asked again next interval
-        return mine
-
-
-class TileLogic(StatefulBatchLogic[ShardEvents, TimedUpdate, TileState]):
-    """Keeps one shard's tiles; emits the tiles each batch changed, with the batch's read time.
-
-    When the online store lost its data, emits every entity's live tiles as a forced rewrite.
-    """
-
-    def __init__(self, state: TileState, watch: OnlineEpochWatch | None = None) -> None:
-        self.state = state
-        self.watch = watch
-
-    def _resync(self) -> list[TimedUpdate]:
-        if self.watch is None:
-            return []
-        if not self.watch.lost_data(self.state):
-            return self._rewrite_expired()
-        update = self.state.resync()
-        if update.entities:
-            log.warning(
-                "online store %s has a new epoch (it lost its data); rewriting %d entities from state",
-                self.watch.namespace,
-                len(update.entities),
-            )
-        return [TimedUpdate(update, time.time())] if update.entities else []
-
-    def _rewrite_expired(self) -> list[TimedUpdate]:
-        """Rewrite the entities whose keys expired while appends were pending (the store
-        refused those appends)."""
-        assert self.watch is not None
-        rewrite = getattr(self.state, "rewrite", None)
-        names = self.watch.take_lost(self.state) if rewrite is not None else []
-        if not names:
-            return []
-        log.info("rewriting %d entities whose online keys expired", len(names))
-        return [TimedUpdate(rewrite(names), time.time())]
-
-    def on_batch(self, values: list[ShardEvents]) -> tuple[list[TimedUpdate], bool]:
-        out = self._resync()
-        for ev in values:
-            update = self.state.apply(ev.keys, ev.codes, ev.ts, ev.columns, ev.partition, ev.offsets, ev.text)
-            if update.entities:
-                out.append(TimedUpdate(update, ev.read_at, ev.produced_at))
-        return out, StatefulBatchLogic.RETAIN
-
-    def on_notify(self) -> tuple[list[TimedUpdate], bool]:
-        return self._resync(), StatefulBatchLogic.RETAIN
-
-    def notify_at(self) -> datetime | None:
-        if self.watch is None:
-            return None
-        # At once when built (a resumed shard checks the store before any new event), then
-        # every interval.
-        wait = max(0.0, self.watch.next_check - time.monotonic())
-        return datetime.now(UTC) + timedelta(seconds=wait)
-
-    def snapshot(self) -> TileState | None:
-        # A copy, because Bytewax serialises it later while this state keeps changing.
-        return copy.deepcopy(self.state) if snapshots_wanted() else None
 
 
 def tune_gc() -> None:

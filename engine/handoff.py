@@ -23,11 +23,13 @@ from typing import Any
 
 from connectors.delta_store import DeltaOfflineStore
 from connectors.redis_store import RedisOnlineStore
-from engine.dataflow import RuntimeConfig, ShardEvents, TileLogic, shard_of
+from engine.dataflow import RuntimeConfig
 from engine.definitions import FeatureView
 from engine.errors import DefinitionError
+from engine.shards import ShardEvents, shard_of
 from engine.sinks import TimedUpdate, shard_key
 from engine.state import TileState
+from engine.tile_logic import TileLogic
 
 __all__ = ["HANDOFF_FILE", "ViewSeed", "final_states", "find_handoff", "seeded", "write_handoff"]
 

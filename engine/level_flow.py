@@ -18,12 +18,13 @@ from typing import Any
 import bytewax.operators as op
 
 from connectors.redis_store import RedisOnlineStore
-from engine.dataflow import OnlineEpochWatch, RuntimeConfig, TileLogic
+from engine.dataflow import RuntimeConfig
 from engine.definitions import FeatureView, duration_ms
 from engine.handoff import ViewSeed, _SeededTileLogic
 from engine.levels import level_namespace, level_retention_ms
 from engine.namespace_sink import NamespaceSink
 from engine.state import TileState
+from engine.tile_logic import OnlineEpochWatch, TileLogic
 from engine.tiles import TileLayout
 
 __all__ = ["add_levels", "level_step"]

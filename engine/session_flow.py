@@ -19,12 +19,14 @@ from bytewax.operators import StatefulBatchLogic
 
 from connectors.kafka import partition_count
 from connectors.redis_store import RedisOnlineStore
-from engine.dataflow import OnlineEpochWatch, RuntimeConfig, ShardEvents, TileLogic
+from engine.dataflow import RuntimeConfig
 from engine.definitions import FeatureView, duration_ms
 from engine.handoff import ViewSeed, _SeededTileLogic
 from engine.namespace_sink import NamespaceSink
 from engine.sessions import SessionState, has_sessions, session_gaps, session_namespace
+from engine.shards import ShardEvents
 from engine.sinks import TimedUpdate
+from engine.tile_logic import OnlineEpochWatch, TileLogic
 from engine.tiles import TileLayout
 
 __all__ = ["SessionLogic", "add_sessions"]

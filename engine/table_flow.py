@@ -18,7 +18,6 @@ the event source (:mod:`engine.flow_io`); the sinks are the event path's (:mod:`
 from __future__ import annotations
 
 import copy
-import functools
 import time
 import zlib
 from dataclasses import dataclass, field
@@ -106,8 +105,7 @@ class ChangeBatch:
         """The batch's moves per entity shard."""
         if self.moves is None or not len(self.moves):
             return []
-        at = np.fromiter((_shard_of(n, shards) for n in self.moves.names), np.int64, len(self.moves.names))
-        return [(shard_key(s), m) for s, m in self.moves.split(at)]
+        return [(shard_key(s), m) for s, m in self.moves.split(_shards_of(self.moves.names, shards))]
 
     def rows(self, fields: tuple[Field, ...]) -> pa.Table:
         n = len(self.op)
@@ -278,10 +276,21 @@ def _shard(key: str, shards: int) -> int:
     return zlib.crc32(key.encode()) % shards
 
 
-@functools.lru_cache(maxsize=1 << 16)
-def _shard_of(entity: str, shards: int) -> int:
-    """The shard of an entity (cached: an entity's changes come again and again)."""
-    return _shard(entity, shards)
+_SHARDS: dict[int, dict[str, int]] = {}  # shards -> entity -> its shard
+_SHARDS_KEPT = 1 << 20  # entities remembered per shard count; beyond, the memory starts over
+
+
+def _shards_of(entities: list[str], shards: int) -> np.ndarray:
+    """The shard of each entity, remembered (an entity's changes come again and again): a dict
+    lookup in a C loop for an entity seen before, a CRC-32 for a new one."""
+    known = _SHARDS.setdefault(shards, {})
+    got: list[Any] = list(map(known.get, entities))
+    if None in got:
+        if len(known) > _SHARDS_KEPT:
+            known.clear()
+        for i in [i for i, g in enumerate(got) if g is None]:
+            got[i] = known[entities[i]] = _shard(entities[i], shards)
+    return np.fromiter(got, np.int64, len(got))
 
 
 class _EntityLogic(StatefulBatchLogic[Moves, TableUpdate, EntityTables]):
@@ -350,7 +359,8 @@ class OnlineTableSink(FixedPartitionedSink[TableUpdate, None]):
 
 def add_table_view(flow: Dataflow, view: TableView, runtime: Any, offline: DeltaOfflineStore) -> None:
     """Add one table view's steps to ``flow`` (see module docstring)."""
-    from engine.dataflow import OnlineEpochWatch, dead_letters
+    from engine.dataflow import dead_letters
+    from engine.tile_logic import OnlineEpochWatch
 
     v = f"{view.name}_{view.version}"
     batches = op.input(f"{v}_source", flow, CdcKafkaSource(view, runtime.kafka_bootstrap_servers, runtime))
