@@ -21,7 +21,9 @@ import numpy as np
 import pyarrow as pa
 
 from engine.cdc_decode import _ENVELOPE_HINT, OPS, CdcDecoder, _Failure
-from engine.decode import _MAX_DETAIL, _MAX_TS_MS, _MESSAGE, Reason, _describe, entity_id
+from engine.decode import _MAX_DETAIL, _MAX_TS_MS, Reason, entity_id
+from engine.decode_errors import MESSAGE as _MESSAGE
+from engine.decode_errors import describe_error as _describe
 
 __all__ = ["ChangeColumns", "ColumnDecoder"]
 

@@ -27,21 +27,13 @@ import numpy as np
 import pyarrow as pa
 from msgspec.structs import astuple
 
-from engine.decode import (
-    _INT64,
-    _MAX_DETAIL,
-    _MAX_TS_MS,
-    _MESSAGE,
-    _PY,
-    _WANT,
-    Reason,
-    _describe,
-    _field_at,
-    _non_finite_at,
-    _other_encoding,
-    _subject,
-    entity_id,
-)
+from engine.decode import _INT64, _MAX_DETAIL, _MAX_TS_MS, _PY, _WANT, Reason, entity_id
+from engine.decode_errors import MESSAGE as _MESSAGE
+from engine.decode_errors import describe_error as _describe
+from engine.decode_errors import field_at as _field_at
+from engine.decode_errors import non_finite_at as _non_finite_at
+from engine.decode_errors import other_encoding as _other_encoding
+from engine.decode_errors import subject as _subject
 from engine.definitions import EventSource
 from engine.table_definitions import CdcSource
 

@@ -9,11 +9,8 @@ while building columns is decoded again one message at a time.
 
 from __future__ import annotations
 
-import itertools
-import json
 import re
 import sys
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Annotated, Any
@@ -21,6 +18,17 @@ from typing import Annotated, Any
 import msgspec
 import numpy as np
 
+from engine.decode_errors import MESSAGE as _MESSAGE
+from engine.decode_errors import (
+    deepest_field,
+    describe_error,
+    field_at,
+    invalid_utf8_field,
+    non_finite_at,
+    other_encoding,
+    show,
+    subject,
+)
 from engine.definitions import EventSource, FeatureView
 
 __all__ = ["DeadLetter", "DecodedEvents", "EventDecoder", "Reason", "entity_id"]
@@ -37,11 +45,6 @@ _BYTE = re.compile(r"\(byte (\d+)\)")
 _LONE_SURROGATE = re.compile(
     rb"\\u[dD][89abAB][0-9a-fA-F]{2}(?!\\u[dD][c-fC-F])|(?<![0-9a-fA-F]{4})\\u[dD][c-fC-F][0-9a-fA-F]{2}"
 )
-_NON_FINITE = re.compile(rb"-?(?:nan|inf(?:inity)?)(?![A-Za-z0-9_])", re.IGNORECASE)
-# JSON strings and structural characters: enough to tell which top-level field a byte is in.
-_TOKEN = re.compile(rb'"[^"\\]*(?:\\.[^"\\]*)*"|[{}\[\]:,]', re.DOTALL)
-_MAX_TOKENS = 100_000
-_MESSAGE = "(message)"  # a detail's subject when no single field is to blame
 _MAX_DETAIL = 500
 # Integers are aggregated as float64 but must fit int64, the type every store and reader knows.
 _INT64 = Annotated[int, msgspec.Meta(ge=-(2**63), le=2**63 - 1)]
@@ -52,14 +55,6 @@ _TS_WANT = {
     "iso8601": "iso8601: a string with a time zone, e.g. 2024-03-10T23:00:00Z",
 }
 _WANT = {"int": "an integer", "float": "a number", "str": "a string", "bool": "true or false"}
-# (byte-order mark or first bytes, codec, name): messages that are JSON, but not in UTF-8.
-_BOMS = (
-    (b"\x00\x00\xfe\xff", "utf-32-be", "UTF-32"),
-    (b"\xff\xfe\x00\x00", "utf-32-le", "UTF-32"),
-    (b"\xef\xbb\xbf", "utf-8-sig", "UTF-8 with a byte-order mark"),
-    (b"\xfe\xff", "utf-16-be", "UTF-16"),
-    (b"\xff\xfe", "utf-16-le", "UTF-16"),
-)
 
 
 class Reason:
@@ -143,7 +138,7 @@ class EventDecoder:
         except Exception as exc:  # unforeseen: find the message to blame, spare the others
             if len(values) != 1:
                 return self._stitch([self.decode([v]) for v in values])
-            why = f"{_MESSAGE}: could not be decoded ({_describe(exc)}); send one UTF-8 JSON object"
+            why = f"{_MESSAGE}: could not be decoded ({describe_error(exc)}); send one UTF-8 JSON object"
             return self._stitch([], [(0, Reason.UNDECODABLE, why[:_MAX_DETAIL])])
 
     def _decode(self, values: list[bytes]) -> DecodedEvents:
@@ -311,7 +306,7 @@ class EventDecoder:
                     'timestamp_format="epoch_millis")'
                 )
         return (
-            f"{self.ts_field}: {_show(value)} is outside 1970..2100 as {self.ts_format}{hint}; "
+            f"{self.ts_field}: {show(value)} is outside 1970..2100 as {self.ts_format}{hint}; "
             f"send {_TS_WANT[self.ts_format]}"
         )
 
@@ -325,27 +320,27 @@ class EventDecoder:
             elif isinstance(exc, msgspec.DecodeError):
                 reason, detail = self._malformed(str(exc), raw)
             elif isinstance(exc, RecursionError):
-                name = _deepest_field(raw, sys.getrecursionlimit())
+                name = deepest_field(raw, sys.getrecursionlimit())
                 reason, detail = (
                     Reason.TOO_DEEP,
                     (
-                        f"{_subject(name)}: nested deeper than the decoder allows (about "
+                        f"{subject(name)}: nested deeper than the decoder allows (about "
                         f"{sys.getrecursionlimit()} levels); flatten the value or leave the field out"
                     ),
                 )
             elif isinstance(exc, UnicodeDecodeError):
-                name = _invalid_utf8_field(raw, self.fields)
+                name = invalid_utf8_field(raw, self.fields)
                 reason, detail = (
                     Reason.ENCODING,
-                    (f"{_subject(name)}: not valid UTF-8 ({exc.reason}); send text as UTF-8"),
+                    (f"{subject(name)}: not valid UTF-8 ({exc.reason}); send text as UTF-8"),
                 )
             else:
                 reason, detail = (
                     Reason.UNDECODABLE,
-                    (f"{_MESSAGE}: could not be decoded ({_describe(exc)}); send one UTF-8 JSON object"),
+                    (f"{_MESSAGE}: could not be decoded ({describe_error(exc)}); send one UTF-8 JSON object"),
                 )
         except Exception as inner:  # explaining must not fail either
-            reason, detail = Reason.UNDECODABLE, f"{_MESSAGE}: could not be decoded ({_describe(inner)})"
+            reason, detail = Reason.UNDECODABLE, f"{_MESSAGE}: could not be decoded ({describe_error(inner)})"
         return reason, detail[:_MAX_DETAIL]
 
     def _invalid(self, msg: str) -> tuple[str, str]:
@@ -369,7 +364,7 @@ class EventDecoder:
 
     def _malformed(self, msg: str, raw: Any) -> tuple[str, str]:
         """A DecodeError: not JSON (in UTF-8) at all, or not at one place."""
-        other = _other_encoding(raw)
+        other = other_encoding(raw)
         if other is not None:
             return Reason.ENCODING, f"{_MESSAGE}: the message is {other}; send UTF-8 JSON"
         if not bytes(raw).strip():
@@ -378,22 +373,22 @@ class EventDecoder:
             try:
                 bytes(raw).decode("utf-8")
             except UnicodeDecodeError as exc:
-                subject = _subject(_invalid_utf8_field(raw, self.fields))
-                return Reason.ENCODING, f"{subject}: not valid UTF-8 ({exc.reason}); send text as UTF-8"
+                who = subject(invalid_utf8_field(raw, self.fields))
+                return Reason.ENCODING, f"{who}: not valid UTF-8 ({exc.reason}); send text as UTF-8"
         at = _BYTE.search(msg)
         pos = int(at.group(1)) if at else None
         # msgspec may only say that the input ended when the last string holds a lone surrogate.
         lone = _LONE_SURROGATE.search(raw) if pos is None or "surrogate" in msg else None
         if lone is not None and pos is None:
             pos = lone.start()
-        name = None if pos is None else _field_at(raw, pos)
+        name = None if pos is None else field_at(raw, pos)
         if lone is not None or "surrogate" in msg:
             escape = "" if lone is None else f" {lone.group().decode()}"
             return Reason.ENCODING, (
-                f"{_subject(name)}: lone UTF-16 surrogate escape{escape}; escape characters beyond "
+                f"{subject(name)}: lone UTF-16 surrogate escape{escape}; escape characters beyond "
                 f"U+FFFF as a surrogate pair (\\ud83d\\ude00) or send them as UTF-8"
             )
-        token = None if pos is None else _non_finite_at(raw, pos)
+        token = None if pos is None else non_finite_at(raw, pos)
         if token is not None and pos:  # inside an object (a non-object fails validation first)
             if name == self.ts_field:
                 return (
@@ -401,130 +396,7 @@ class EventDecoder:
                     f"{name}: {token} is not a JSON number; send {_TS_WANT[self.ts_format]}",
                 )
             return Reason.VALUE, (
-                f"{_subject(name)}: {token} is not a JSON number and non-finite values are not "
+                f"{subject(name)}: {token} is not a JSON number and non-finite values are not "
                 f"accepted; send a finite number (or null where the field is nullable)"
             )
-        return Reason.MALFORMED, f"{_subject(name)}: {msg}; send one UTF-8 JSON object per message"
-
-
-# ---------------------------------------------------------------------------------------------
-# Locating the problem in a failed message (best effort, bounded, never raises past _explain).
-# ---------------------------------------------------------------------------------------------
-
-
-def _walk(raw: bytes) -> Iterator[tuple[int, int, bytes | None, bytes]]:
-    """(start, depth, top-level field, token) for each JSON string and structural character; the
-    field is the one whose value the token is in (None outside of any). Stops after
-    :data:`_MAX_TOKENS`, so that explaining a crafted message stays cheap."""
-    depth, last = 0, b""
-    key: bytes | None = None
-    for m in itertools.islice(_TOKEN.finditer(raw), _MAX_TOKENS):
-        tok = m.group()
-        c = tok[:1]
-        if c == b'"':
-            last = tok
-        elif c in b"{[":
-            depth += 1
-            if depth == 1:
-                key = None
-        elif c in b"}]":
-            depth -= 1
-            if depth <= 0:
-                key = None
-        elif depth == 1:
-            key = last if c == b":" else None
-        yield m.start(), depth, key, tok
-
-
-def _name(token: bytes | None) -> str | None:
-    if not token:
-        return None
-    try:
-        return str(json.loads(token))
-    except ValueError:
-        return token[1:-1].decode("utf-8", "replace")
-
-
-def _field_at(raw: bytes, pos: int) -> str | None:
-    """The top-level field whose value holds byte ``pos``."""
-    key, walked = None, 0
-    for start, _, k, _ in _walk(raw):
-        if start > pos:
-            return _name(key)
-        key, walked = k, walked + 1
-    return None if walked >= _MAX_TOKENS else _name(key)  # pos may lie beyond the tokens walked
-
-
-def _deepest_field(raw: bytes, limit: int) -> str | None:
-    """The first top-level field nested deeper than ``limit``, else the most nested one."""
-    best, key, walked = 0, None, 0
-    for _, depth, k, _ in _walk(raw):
-        walked += 1
-        if depth > best:
-            best, key = depth, k
-            if depth > limit:
-                return _name(key)
-    return None if walked >= _MAX_TOKENS else _name(key)  # a deeper one may lie beyond
-
-
-def _invalid_utf8_field(raw: bytes, fields: dict[str, Any]) -> str | None:
-    """The first schema field whose string value is not UTF-8 (unknown fields are skipped
-    undecoded, so they never fail)."""
-    for _, depth, key, tok in _walk(raw):
-        if depth == 1 and key is not None and tok[:1] == b'"':
-            name = _name(key)
-            if name in fields:
-                try:
-                    tok.decode("utf-8")
-                except UnicodeDecodeError:
-                    return name
-    return None
-
-
-def _non_finite_at(raw: bytes, pos: int) -> str | None:
-    """``NaN``, ``Infinity`` and the like where JSON parsing stopped (at ``pos`` or just after a
-    minus sign)."""
-    for at in (pos - 1, pos):
-        m = _NON_FINITE.match(raw, max(at, 0))
-        if m:
-            return m.group().decode()
-    return None
-
-
-def _other_encoding(raw: bytes) -> str | None:
-    """The encoding of a message that is JSON in UTF-16/32 or UTF-8 with a byte-order mark."""
-    head = bytes(raw[:64])
-    found = next(((codec, name) for bom, codec, name in _BOMS if head.startswith(bom)), None)
-    if found is None and len(head) >= 4:
-        nul = tuple(b == 0 for b in head[:4])
-        found = {
-            (True, True, True, False): ("utf-32-be", "UTF-32"),
-            (False, True, True, True): ("utf-32-le", "UTF-32"),
-            (True, False, True, False): ("utf-16-be", "UTF-16"),
-            (False, True, False, True): ("utf-16-le", "UTF-16"),
-        }.get(nul)
-    if found is None:
-        return None
-    codec, name = found
-    unit = 4 if "32" in codec else 2
-    text = head[: len(head) - len(head) % unit].decode(codec, "ignore").lstrip("\ufeff \t\r\n")
-    return name if text[:1] in ("{", "[") else None
-
-
-def _subject(name: str | None) -> str:
-    if name is None:
-        return _MESSAGE
-    return name[:64] if name.isprintable() else repr(name[:64])
-
-
-def _show(value: Any) -> str:
-    """A value for a detail: short, whatever its size."""
-    if isinstance(value, datetime):
-        return value.isoformat()
-    if isinstance(value, int) and not -(10**30) < value < 10**30:
-        return f"an integer of {len(str(abs(value)))} digits"
-    return repr(value)[:80]
-
-
-def _describe(exc: BaseException) -> str:
-    return f"{type(exc).__name__}: {str(exc)[:200]}"
+        return Reason.MALFORMED, f"{subject(name)}: {msg}; send one UTF-8 JSON object per message"
