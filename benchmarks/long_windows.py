@@ -124,7 +124,7 @@ def main(argv: list[str]) -> int:
             )
         newest = end_ms
         for a in view.aggregations[::4]:
-            rows = sum(hi - lo + 1 for _, lo, hi in window_ranges(view.tile_levels_ms, a, newest))
+            rows = sum(hi - lo + 1 for _, lo, hi in window_ranges(view, a, newest))
             print(f"window {a.window.size}: at most {rows} tile rows per entity per read", flush=True)
         store = FeatureStore([view], redis_url=svc.redis_url, delta_uri=str(work / "delta"))
         at = datetime.fromtimestamp(newest / 1000, UTC)

@@ -21,7 +21,7 @@ from engine._model import _check_field_names, _check_name, _check_topic, _Defini
 from engine.aggregations import FUNCTIONS, Aggregation, Derived, DriftThresholds, Window  # noqa: F401 (re-exported)
 from engine.durations import duration_ms, format_duration, parse_duration
 from engine.errors import DefinitionError
-from engine.levels import view_levels, window_precision_ms
+from engine.levels import levels_of, window_precision_ms
 
 __all__ = [
     "Aggregation",
@@ -246,7 +246,7 @@ class FeatureView(_Definition):
     def tile_levels_ms(self) -> tuple[int, ...]:
         """Tile sizes (ms) the view keeps, ``tile_size`` first, then the coarse levels its long
         windows read (engine.levels); just ``(tile_size,)`` for most views."""
-        return view_levels(duration_ms(self.tile_size), self.aggregations)
+        return levels_of(duration_ms(self.tile_size), self.aggregations)
 
     def window_precision(self, feature: str) -> timedelta:
         """The step a window's start moves in: ``tile_size``, or a coarse level for a long window."""

@@ -25,9 +25,13 @@ from __future__ import annotations
 
 from datetime import timedelta
 from functools import lru_cache
+from typing import TYPE_CHECKING
 
 from engine.aggregations import Aggregation
 from engine.durations import duration_ms, format_duration
+
+if TYPE_CHECKING:
+    from engine.definitions import FeatureView
 
 __all__ = [
     "COARSE_LIMIT",
@@ -35,6 +39,7 @@ __all__ = [
     "LADDER_MS",
     "level_namespace",
     "level_retention_ms",
+    "levels_of",
     "view_levels",
     "window_precision_ms",
     "window_ranges",
@@ -50,10 +55,10 @@ COARSE_LIMIT = 1_000
 
 @lru_cache(maxsize=4096)
 def _precision(kind: str, size_ms: int, hop_ms: int | None, tile_ms: int) -> int | None:
-    if kind == "session" or size_ms // tile_ms <= FINE_LIMIT:
+    if kind == "session" or size_ms <= FINE_LIMIT * tile_ms:
         return tile_ms
     for r in LADDER_MS:
-        if r <= tile_ms or r % tile_ms or size_ms // r > COARSE_LIMIT:
+        if r <= tile_ms or r % tile_ms or size_ms > COARSE_LIMIT * r:
             continue
         if kind == "sliding" or (size_ms % r == 0 and hop_ms is not None and hop_ms % r == 0):
             return r
@@ -78,9 +83,15 @@ def window_precision_ms(agg: Aggregation, tile_ms: int) -> int:
     return r
 
 
-def view_levels(tile_ms: int, aggs: tuple[Aggregation, ...]) -> tuple[int, ...]:
-    """Tile sizes (ms) the view keeps: ``tile_ms``, then each ladder level up to the coarsest
-    precision of its windows (the levels between make the head of a long window short too)."""
+def view_levels(view: FeatureView) -> tuple[int, ...]:
+    """Tile sizes (ms) ``view`` keeps (also ``view.tile_levels_ms``): its tile size, then each
+    ladder level up to the coarsest precision of its windows (the levels between make the head
+    of a long window short too)."""
+    return view.tile_levels_ms
+
+
+def levels_of(tile_ms: int, aggs: tuple[Aggregation, ...]) -> tuple[int, ...]:
+    """:func:`view_levels` from a view's tile size and aggregations (used while it is built)."""
     coarsest = max((window_precision_ms(a, tile_ms) for a in aggs), default=tile_ms)
     return (tile_ms, *(r for r in LADDER_MS if tile_ms < r <= coarsest and r % tile_ms == 0))
 
@@ -104,11 +115,12 @@ def level_retention_ms(
     return need + lateness_ms + r
 
 
-def window_ranges(levels: tuple[int, ...], agg: Aggregation, t_ms: int) -> list[tuple[int, int, int]]:
+def window_ranges(view: FeatureView, agg: Aggregation, t_ms: int) -> list[tuple[int, int, int]]:
     """The tiles one read of ``agg`` as of ``t_ms`` combines: ``(level_ms, lo, hi)`` with inclusive
     tile numbers at that level, disjoint, coarsest first, together covering the window's span."""
     from engine.tiles import window_tile_range  # the window's span, in level-0 tiles
 
+    levels = view.tile_levels_ms
     tile = levels[0]
     lo, hi, _ = window_tile_range(agg, tile, [t_ms])
     start, end = int(lo[0]) * tile, (int(hi[0]) + 1) * tile

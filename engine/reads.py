@@ -166,7 +166,7 @@ def _online_values(
     for g, group in enumerate(groups):
         objs = [a for a in group if is_object(a, view)]
         windows: list[dict[int, list]] = [{} for _ in range(n)] if objs else []
-        for level_ms, lo, hi in window_ranges(view.tile_levels_ms, group[0], at_ms):
+        for level_ms, lo, hi in window_ranges(view, group[0], at_ms):
             rows, gid, records = tier(level_ms)
             mask = (rows[:, TILE] >= lo) & (rows[:, TILE] <= hi)
             picked.append(rows[mask])
