@@ -82,6 +82,9 @@ def classify(
             breaking.append(f"tile size: {_ms(old)} -> {_ms(new)}")
         elif key == "allowed_lateness_ms":
             breaking.append(f"allowed lateness: {_ms(old)} -> {_ms(new)}")
+        elif key == "tile_levels_ms":  # follows the windows: no existing feature's values change
+            levels = [", ".join(_ms(r) for r in (v or [])[1:]) or "none" for v in (old, new)]
+            additive.append(f"coarse tile levels (long windows): {levels[0]} -> {levels[1]}")
         else:
             breaking.append(f"{key}: {_show(old)} -> {_show(new)}")
     if not breaking and not additive:  # a difference none of the rules above could name

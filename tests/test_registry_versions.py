@@ -60,6 +60,13 @@ def test_classification_rules_and_reasons() -> None:
         "aggregation fee_max_1d: added (max of fee over 1d)",
     )
     assert diff_views(base, make_view(aggs=(COUNT_1H, SUM_1H))).kind == "additive"  # reorder only
+    # A 90-day window adds coarse tile levels (engine.levels): no existing feature changes.
+    longer = diff_views(base, make_view(aggs=(SUM_1H, COUNT_1H, Aggregation(function="count", window="90d"))))
+    assert longer.kind == "additive"
+    assert longer.reasons == (
+        "aggregation events_count_90d: added (count over 90d)",
+        "coarse tile levels (long windows): none -> 1h, 1d",
+    )
 
     def breaking(view: FeatureView) -> tuple[str, ...]:
         d = diff_views(base, view)
