@@ -27,6 +27,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from connectors.delta_store import DeltaOfflineStore
 from connectors.redis_store import RedisOnlineStore
+from engine.dead_letter_sink import DeadLetterSink
 from engine.definitions import FeatureView, duration_ms
 from engine.flow_io import STOP, DecodingKafkaSource, request_stop
 from engine.levels import level_retention_ms
@@ -34,7 +35,7 @@ from engine.object_tiles import object_text_columns
 from engine.observe import configure_logging
 from engine.redact import describe
 from engine.shards import ShardEvents, shard_of, split_shards  # noqa: F401 (re-exported)
-from engine.sinks import DeadLetterSink, OfflineSink, OnlineSink, partition_key
+from engine.sinks import OfflineSink, OnlineSink, partition_key
 from engine.snapshots import snapshots_needed
 from engine.state import TileState
 from engine.table_definitions import TableView

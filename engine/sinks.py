@@ -1,4 +1,4 @@
-"""Bytewax sinks: dead letters to Kafka, accepted rows to Delta, changed tiles to Redis.
+"""Bytewax sinks: accepted rows to Delta, changed tiles to Redis (dead letters: engine.dead_letter_sink).
 
 Store writes run on one background thread per process and view, so the dataflow computes while a
 store is busy. The store sinks are fixed-partitioned (online by shard, offline by source
@@ -21,18 +21,14 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 from bytewax.outputs import (
-    DynamicSink,
     FixedPartitionedSink,
     StatefulSinkPartition,
-    StatelessSinkPartition,
 )
 
-from connectors.dead_letters import DeadLetterProducer
 from connectors.delta_store import DeltaOfflineStore
 from connectors.delta_tiles import append_tiles, tile_table, tiles_uri
 from connectors.kafka import partition_count, partition_end, topic_id, topic_reset_error
 from connectors.redis_store import RedisOnlineStore
-from engine.decode import DeadLetter
 from engine.definitions import FeatureView, duration_ms
 from engine.flow_io import STOP
 from engine.metrics import BATCH_LATENCY, FRESHNESS, STORE_WRITE_ERRORS, STORE_WRITE_SECONDS
@@ -40,9 +36,9 @@ from engine.observe import HEALTH
 from engine.snapshots import snapshots_wanted
 from engine.state import TileUpdate
 from engine.tiles import TileLayout
-from engine.writer import STOP_GRACE_SECONDS, BackgroundWriter
+from engine.writer import BackgroundWriter
 
-__all__ = ["DeadLetterSink", "OfflineSink", "OnlineSink", "TimedUpdate", "partition_key", "shard_key"]
+__all__ = ["OfflineSink", "OnlineSink", "TimedUpdate", "partition_key", "shard_key"]
 
 
 def shard_key(shard: int) -> str:
@@ -118,68 +114,6 @@ class _SharedWriters:
                 return
             del cls._writers[key]
         entry[0].close()
-
-
-class _DeadLetterPartition(StatelessSinkPartition[DeadLetter]):
-    def __init__(
-        self,
-        bootstrap: str,
-        topic: str,
-        view: str,
-        version: str,
-        config: Mapping[str, Any] | None = None,
-        limits: tuple[int | None, int | None] = (None, None),
-    ) -> None:
-        self.producer = DeadLetterProducer(
-            bootstrap,
-            dict(config or {}),
-            max_value_bytes=limits[0],
-            max_key_bytes=limits[1],
-            stop=STOP,
-            grace=STOP_GRACE_SECONDS,
-        )
-        self.topic = topic
-        self.view = view
-        self.version = version
-        self.failed = False
-
-    def write_batch(self, items: list[DeadLetter]) -> None:
-        for letter in items:
-            self.producer.send(self.topic, letter, self.view, self.version)
-        try:
-            self.producer.flush()
-        except Exception:
-            self.failed = True
-            raise
-
-    def close(self) -> None:
-        if not self.failed:  # a second error while the dataflow unwinds would hide the first
-            self.producer.flush()
-
-
-class DeadLetterSink(DynamicSink[DeadLetter]):
-    """Dead letters to ``<topic>.dlq``. Delivery: at least once (flushed per batch).
-
-    Payloads over ``max_value_bytes``/``max_key_bytes`` are truncated, broker outages retried,
-    letters the broker refuses sent as headers only: see
-    :class:`~connectors.dead_letters.DeadLetterProducer`. A bad message never stops the flow.
-    """
-
-    def __init__(
-        self,
-        bootstrap: str,
-        topic: str,
-        view: str,
-        version: str = "",
-        config: Mapping[str, Any] | None = None,
-        *,
-        max_value_bytes: int | None = None,
-        max_key_bytes: int | None = None,
-    ) -> None:
-        self.args = (bootstrap, topic, view, version, config, (max_value_bytes, max_key_bytes))
-
-    def build(self, step_id: str, worker_index: int, worker_count: int) -> _DeadLetterPartition:
-        return _DeadLetterPartition(*self.args)
 
 
 class _OfflinePartition(StatefulSinkPartition[pa.Table, None]):
