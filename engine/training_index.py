@@ -1,5 +1,6 @@
-"""Per-view index structures behind :mod:`engine.training`: compensated prefix sums, running
-in-tile values, sparse tables for min/max, "last valid" indices, one column at a time."""
+"""Per-view index arrays behind :mod:`engine.training`: events in read order, and per column the
+prefix counts and compensated sums, "last valid" indices, shifted sums for m2 and block tables
+for min/max (built by :mod:`engine.training_kernels`, each in one pass over the events)."""
 
 from __future__ import annotations
 
@@ -8,69 +9,10 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from engine.definitions import Aggregation
-from engine.tiles import CNT, M2, MAX, MIN, SUM
+from engine.errors import StoreError
+from engine.training_kernels import BLOCK, block_extremes, column_index, levels, tie_order
 
-__all__ = [
-    "Column",
-    "as_float",
-    "between",
-    "by_window",
-    "counts",
-    "expand",
-    "gather",
-    "prefix",
-    "slices",
-    "take",
-]
-
-
-def prefix(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Prefix sums with a leading 0, as (sums, running rounding error): ``hi + lo`` is the exact
-    prefix up to O(eps^2), so a range's sum is as accurate as summing it directly."""
-    hi = np.zeros(len(x) + 1)
-    np.cumsum(x, out=hi[1:])
-    a, s = hi[:-1], hi[1:]
-    bb = s - a
-    err = (a - (s - bb)) + (x - bb)  # TwoSum: what each running addition rounded away
-    lo = np.zeros(len(x) + 1)
-    np.cumsum(err, out=lo[1:])
-    return hi, lo
-
-
-def counts(x: np.ndarray) -> tuple[np.ndarray, None]:
-    """Prefix sums of counts: exact in int64, no error term needed."""
-    out = np.zeros(len(x) + 1, dtype=np.int64)
-    np.cumsum(x.astype(np.int64), out=out[1:])
-    return out, None
-
-
-def between(p: tuple[np.ndarray, np.ndarray | None], a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    if p[1] is None:
-        return (p[0][b] - p[0][a]).astype(np.float64)
-    return (p[0][b] - p[0][a]) + (p[1][b] - p[1][a])
-
-
-def expand(first: np.ndarray, lengths: np.ndarray) -> np.ndarray:
-    """The indices ``first[i] .. first[i] + lengths[i] - 1`` of every i, concatenated."""
-    total = int(lengths.sum())
-    starts = np.cumsum(lengths) - lengths
-    return np.arange(total) - np.repeat(starts - first, lengths)
-
-
-def running_fn(fn: np.ufunc, x: np.ndarray, first: np.ndarray) -> np.ndarray:
-    """``fn`` accumulated within segments (``first[i]``: index where i's segment starts), in
-    log2(longest segment) vectorised passes."""
-    out = x.copy()
-    if not len(x):
-        return out
-    idx = np.arange(len(x))
-    longest = int((idx - first).max()) + 1
-    k = 1
-    while k < longest:
-        same = idx[k:] - k >= first[k:]
-        out[k:] = np.where(same, fn(out[k:], out[:-k]), out[k:])
-        k *= 2
-    return out
+__all__ = ["EventIndex", "as_float", "by_window", "event_order"]
 
 
 def as_float(column: pa.ChunkedArray | pa.Array) -> np.ndarray:
@@ -87,85 +29,68 @@ def by_window(aggs: list[Aggregation]) -> list[list[Aggregation]]:
     return list(groups.values())
 
 
-def gather(values: np.ndarray, idx: np.ndarray, ok: np.ndarray) -> np.ndarray:
-    """``values[idx]`` where ``ok``, else NaN (``idx`` may be out of range where not ok)."""
-    if not len(values):
-        return np.full(len(idx), np.nan)
-    return np.where(ok, values[np.clip(idx, 0, len(values) - 1)], np.nan)
+def event_order(
+    code: np.ndarray, ts: np.ndarray, part: np.ndarray | None, offset: np.ndarray | None
+) -> np.ndarray:
+    """Events by (entity code, time, partition, offset), the order the events path reads them in,
+    so ``last`` picks the same event among equal timestamps."""
+    n = len(code)
+    if not n:
+        return np.zeros(0, dtype=np.int64)
+    tmin = int(ts.min())
+    span = int(ts.max()) - tmin + 1
+    if (int(code.max()) + 1) * span >= 2**62:
+        raise StoreError(
+            "training set spans too many entities and too long a time at once; split entity_df by time"
+        )
+    key = code * span + (ts - tmin)
+    order = np.argsort(key).astype(np.int64, copy=False)
+    if part is not None and offset is not None:
+        tie_order(key, part.astype(np.int64), offset.astype(np.int64), order)
+    return order
 
 
-def take(values: np.ndarray, idx: np.ndarray) -> np.ndarray:
-    """``values[idx]`` with ``idx`` clipped into range (-1 for every row when ``values`` is empty)."""
-    if not len(values):
-        return np.full(len(idx), -1, dtype=np.int64)
-    return values[np.clip(idx, 0, len(values) - 1)]
+class EventIndex:
+    """Sorted events (``code``, ``ts``, ``xs[column]``) and their per-column index arrays.
 
+    ``m2_columns`` and ``extreme_columns`` name the columns that need shifted sums (stddev,
+    variance) and min/max tables; the others get counts, sums and last-valid indices only.
+    """
 
-class Column:
-    """One aggregated column: prefix sums over its tiles, running in-tile values over its events."""
-
-    def __init__(self, x: np.ndarray, tiles: np.ndarray, tile_code: np.ndarray, tile_of_event: np.ndarray):
-        self.x = x
-        self.tiles = tiles  # this column's partials (CNT .. LAST) per tile
-        cnt, s = tiles[:, CNT], tiles[:, SUM]
-        with np.errstate(invalid="ignore", divide="ignore"):
-            mean = np.where(cnt > 0, s / cnt, 0.0)
-            # Tile means are shifted by their entity's mean before squaring, so the between-tile
-            # part of m2 cancels only as far as a window's mean strays from the entity's.
-            n_ent = int(tile_code.max()) + 1 if len(tile_code) else 0
-            ref = np.bincount(tile_code, s, n_ent) / np.bincount(tile_code, cnt, n_ent)
-        d = np.where(cnt > 0, mean - np.nan_to_num(ref)[tile_code] if n_ent else 0.0, 0.0)
-        self.cnt = counts(cnt)
-        self.sum = prefix(s)
-        self.m2 = prefix(tiles[:, M2])
-        self.cd = prefix(cnt * d)
-        self.cd2 = prefix(cnt * d * d)
-        tix = np.arange(len(cnt))
-        self.last_tile = np.maximum.accumulate(np.where(cnt > 0, tix, -1)) if len(cnt) else tix
-        # Events, shifted by their own tile's mean: a tile prefix's m2 cancels only as far as
-        # the prefix's mean strays from the whole tile's.
-        valid = ~np.isnan(x)
-        dev = np.where(valid, x - mean[tile_of_event], 0.0) if len(x) else x
-        self.ev_cnt = counts(valid)
-        self.ev_sum = prefix(np.where(valid, x, 0.0))
-        self.ev_d = prefix(dev)
-        self.ev_d2 = prefix(dev * dev)
-        eix = np.arange(len(x))
-        self.last_event = np.maximum.accumulate(np.where(valid, eix, -1)) if len(x) else eix
-        self._tile_of_event = tile_of_event
-        self._cache: dict[tuple[str, int], np.ndarray] = {}
-
-    def running(self, fn: str, first: np.ndarray) -> np.ndarray:
-        """Running min/max of the events from their tile's first event."""
-        key = (f"run-{fn}", 0)
-        if key not in self._cache:
-            self._cache[key] = running_fn(np.fmin if fn == "min" else np.fmax, self.x, first)
-        return self._cache[key]
-
-    def sparse_table(self, fn: str, levels: int) -> np.ndarray:
-        """``table[k, j]``: min/max over tiles ``j .. j + 2**k - 1`` (NaN past the end)."""
-        key = (fn, 0)
-        if key not in self._cache or len(self._cache[key]) < levels:  # one per function, grown
-            ufunc = np.fmin if fn == "min" else np.fmax
-            base = self.tiles[:, MIN if fn == "min" else MAX]
-            table = np.full((levels, len(base)), np.nan)
-            table[0] = base
-            for k in range(1, levels):
-                h = 1 << (k - 1)
-                if h >= len(base):
-                    break
-                table[k, : len(base) - h] = ufunc(table[k - 1, :-h], table[k - 1, h:])
-            self._cache[key] = table
-        return self._cache[key]
-
-
-def slices(lengths: np.ndarray, budget: int = 4_000_000) -> list[slice]:
-    """Consecutive slices whose lengths sum to at most ``budget`` (one item may exceed it)."""
-    ends = np.cumsum(lengths)
-    out, start, base = [], 0, 0
-    while start < len(lengths):
-        stop = max(int(np.searchsorted(ends, base + budget, "right")), start + 1)
-        out.append(slice(start, stop))
-        base = int(ends[stop - 1])
-        start = stop
-    return out
+    def __init__(
+        self,
+        code: np.ndarray,
+        ts: np.ndarray,
+        xs: np.ndarray,
+        n_entities: int,
+        m2_columns: list[int],
+        extreme_columns: list[tuple[int, bool]],
+    ) -> None:
+        n, width = len(ts), len(xs)
+        self.ts = ts
+        self.xs = xs
+        self.bounds = np.searchsorted(code, np.arange(n_entities + 1)).astype(np.int64)
+        self.cnt = np.empty((width, n + 1), dtype=np.int64)
+        self.s_hi, self.s_lo = np.empty((width, n + 1)), np.empty((width, n + 1))
+        self.last = np.empty((width, n), dtype=np.int64)
+        self.m2_slot = np.full(width, -1, dtype=np.int64)
+        self.m2_slot[m2_columns] = np.arange(len(m2_columns))
+        k = len(m2_columns)
+        self.d_hi, self.d_lo = np.empty((k, n + 1)), np.empty((k, n + 1))
+        self.q_hi, self.q_lo = np.empty((k, n + 1)), np.empty((k, n + 1))
+        none = np.empty(0)
+        for c in range(width):
+            slot = self.m2_slot[c]
+            m2 = (
+                (self.d_hi[slot], self.d_lo[slot], self.q_hi[slot], self.q_lo[slot])
+                if slot >= 0
+                else (none,) * 4
+            )
+            column_index(xs[c], self.bounds, self.cnt[c], self.s_hi[c], self.s_lo[c], self.last[c], *m2)
+        self.mm_slot = np.full((width, 2), -1, dtype=np.int64)
+        e = len(extreme_columns)
+        self.pre, self.suf = np.empty((e, n)), np.empty((e, n))
+        self.table = np.empty((e, levels(n), max((n + BLOCK - 1) // BLOCK, 1)))
+        for slot, (c, want_min) in enumerate(extreme_columns):
+            self.mm_slot[c, 0 if want_min else 1] = slot
+            block_extremes(xs[c], want_min, self.pre[slot], self.suf[slot], self.table[slot])

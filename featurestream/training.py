@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import io
 from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -28,7 +29,14 @@ from engine.errors import FeaturestreamError, StoreError
 from engine.table_definitions import TableView
 from engine.table_reads import point_in_time_table
 from engine.training import CHUNK_ROWS, PreparedEvents
-from featurestream.training_partitions import PARTITION_EVENTS, SpilledView, read_window, spillable
+from featurestream.training_partitions import (
+    PARTITION_EVENTS,
+    RowEntities,
+    SpilledView,
+    read_window,
+    row_entities,
+    spillable,
+)
 
 if TYPE_CHECKING:
     from registry.core import Registry
@@ -125,7 +133,13 @@ def iter_training_set(
     Views whose features are all floats are computed first, ``partition_events`` stored events at
     a time (:class:`featurestream.training_partitions.SpilledView`), so memory stays bounded."""
     at_ms = row_times(table, timestamp_column)
-    ids = {name: entity_ids(views[name], table) for name in wanted}
+    by_keys: dict[tuple[str, ...], pa.Array] = {}  # views sharing join keys share their ids
+    for name in wanted:
+        keys = tuple(views[name].entity.join_keys)
+        if keys not in by_keys:
+            by_keys[keys] = entity_ids(views[name], table)
+    ids = {name: by_keys[tuple(views[name].entity.join_keys)] for name in wanted}
+    rows_of: dict[tuple[str, ...], RowEntities] = {}  # views sharing join keys share them
     prepared: dict[str, PreparedEvents] = {}
     spilled: dict[str, SpilledView] = {}
     try:
@@ -135,6 +149,9 @@ def iter_training_set(
                 continue
             pin = None if pins is None else pins[name]
             if spillable(view, aggs):  # bounded memory: one entity range indexed at a time
+                keys = tuple(view.entity.join_keys)
+                if keys not in rows_of:
+                    rows_of[keys] = row_entities(ids[name], at_ms)
                 spilled[name] = SpilledView(
                     offline,
                     view,
@@ -146,6 +163,7 @@ def iter_training_set(
                     pins is None,
                     chunk_rows,
                     partition_events,
+                    rows_of[keys],
                 )
             else:
                 prepared[name] = _prepare(offline, view, ids[name], at_ms, uris[name], pin, pins is None)
@@ -351,13 +369,21 @@ def write_training_set(
     )
     written = 0
     writer: pq.ParquetWriter | None = None
+    # Parquet encoding releases the GIL: one chunk is written while the next is assembled.
+    pool = ThreadPoolExecutor(1)
+    pending: Future[None] | None = None
     try:
         for chunk in chunks:
             if writer is None:
                 writer = pq.ParquetWriter(out, chunk.schema)
-            writer.write_table(chunk)
+            if pending is not None:
+                pending.result()
+            pending = pool.submit(writer.write_table, chunk)
             written += chunk.num_rows
+        if pending is not None:
+            pending.result()
     finally:
+        pool.shutdown(wait=True)
         if writer is not None:
             writer.close()
     return written

@@ -71,7 +71,7 @@ def test_one_entity_per_range_spreads_rows_over_ranges(tmp_path) -> None:  # typ
     ids = pa.array(entity, pa.string())
     spilled = SpilledView(store, VIEW, list(VIEW.aggregations), ids, at, uri, None, True, 11, 1)
     try:
-        assert len(spilled.paths) == 6  # one per entity with events; frank and nobody (none) share one
+        assert spilled.ranges == 6  # one per entity with events; frank and nobody (none) share one
         whole = spilled.read(0, len(at))
         parts = [spilled.read(s, min(s + 17, len(at))) for s in range(0, len(at), 17)]
         for name, vals in whole.items():
@@ -101,3 +101,23 @@ def test_pinned_version_ignores_later_appends(tmp_path) -> None:  # type: ignore
         iter_training_set(store, {"pay": VIEW}, wanted, table, "ts", {"pay": uri}, {"pay": pin}, 31, None, 50)
     )
     assert pa.concat_tables(after).equals(before)
+
+
+@pytest.mark.parametrize("budget", [1, 10**9])
+def test_events_of_entities_no_row_asks_for_are_left_out(tmp_path, budget: int) -> None:  # type: ignore[no-untyped-def]
+    """Rows for two of the five stored entities: the scan drops the others' events (one range,
+    or one per entity), and values still equal the events path over all stored events."""
+    store, uri, events = _store(tmp_path, 12)
+    entity, at = query_rows(np.random.default_rng(13), 200)
+    keep = [i for i, e in enumerate(entity) if e in ("alice", "carol")]
+    entity, at = [entity[i] for i in keep], at[keep]
+    table = _entity_table(entity, at)
+    wanted = list(VIEW.aggregations)
+    got = training_table(
+        store, {"pay": VIEW}, {"pay": wanted}, table, "ts", {"pay": uri}, None,
+        chunk_rows=23, partition_events=budget,
+    )  # fmt: skip
+    ref = point_in_time_values(VIEW, events, entity, at, wanted)
+    for agg in wanted:
+        col = got.column(f"pay:{agg.feature_name}").to_numpy(zero_copy_only=False).astype(np.float64)
+        assert_close(col, ref[agg.feature_name][0], agg, agg.feature_name)
