@@ -18,6 +18,8 @@ by one.
 
 from __future__ import annotations
 
+import itertools
+import operator
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -42,17 +44,17 @@ def codes_of(
     """Codes of ``names`` in ``index``, adding names not seen yet (to ``table`` too; codes count
     from ``len(table)`` then, else from ``len(index)``). A name None is -1 unless ``index`` says
     otherwise."""
-    codes: list[Any] = list(map(index.get, names))  # a C loop: no Python per name
+    codes: list[Any] = list(map(index.get, names))  # C loops: no Python per name
     if None in codes:
-        new = dict.fromkeys(n for n, c in zip(names, codes, strict=True) if c is None and n is not None)
+        new = dict.fromkeys(itertools.compress(names, map(operator.is_, codes, itertools.repeat(None))))
+        new.pop(None, None)
         if new:
             start = len(index) if table is None else len(table)
             index.update(zip(new, range(start, start + len(new)), strict=True))
             if table is not None:
                 table.extend(new)  # type: ignore[arg-type]
-        get = index.get
-        codes = [get(n, -1) for n in names]  # type: ignore[arg-type]
-    return np.asarray(codes, dtype=np.int64)
+        codes = list(map(index.get, names, itertools.repeat(-1)))
+    return np.fromiter(codes, np.int64, len(codes))
 
 
 @dataclass
@@ -79,13 +81,15 @@ class Moves:
         """The moves per shard (``shard_of_name[i]``: the shard of ``names[i]``), each with only
         its own entities in ``names``."""
         at = np.asarray(shard_of_name, np.int64)
-        rm_s, add_s, st_s = at[self.rm_ent], at[self.add_ent], at[self.st_ent]
-        out = []
+        shards = np.unique(at)
+        mine_of, rm_of, add_of, st_of = (
+            _groups(x, shards) for x in (at, at[self.rm_ent], at[self.add_ent], at[self.st_ent])
+        )
         local = np.zeros(len(self.names), np.int64)
-        for s in np.unique(at).tolist():
-            mine = np.flatnonzero(at == s)
+        out = []
+        for i, s in enumerate(shards.tolist()):
+            mine, rm, add, st = mine_of[i], rm_of[i], add_of[i], st_of[i]
             local[mine] = np.arange(len(mine))
-            rm, add, st = np.flatnonzero(rm_s == s), np.flatnonzero(add_s == s), np.flatnonzero(st_s == s)
             part = Moves(
                 take(self.names, mine),
                 take(self.rm_pk, rm),
@@ -100,6 +104,16 @@ class Moves:
             )
             out.append((s, part))
         return out
+
+
+def _groups(keys: np.ndarray, values: np.ndarray) -> list[np.ndarray]:
+    """For each of ``values`` (sorted), the indices where ``keys`` equals it, in order: one sort
+    rather than a scan of ``keys`` per value."""
+    order = np.argsort(keys, kind="stable")
+    ordered = keys[order]
+    starts = np.searchsorted(ordered, values).tolist()
+    ends = np.searchsorted(ordered, values, side="right").tolist()
+    return [order[a:b] for a, b in zip(starts, ends, strict=True)]
 
 
 class RowGuard:

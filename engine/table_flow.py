@@ -21,6 +21,7 @@ import copy
 import time
 import zlib
 from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import bytewax.operators as op
@@ -153,16 +154,21 @@ class _ChangePartition(StatefulSourcePartition[ChangeBatch, dict]):
         self._in = EVENTS_IN.labels(**labels)
         self._ok = EVENTS_ACCEPTED.labels(view=view.name)
         self._key = (view.name, reader.topic, reader.partition)
+        self._awake: datetime | None = None
         HEALTH.source_polled(*self._key)
 
     def next_batch(self) -> list[ChangeBatch]:
         if self.reader.at_end or STOP.is_set():
             raise StopIteration
-        raw = self.reader.read(self.batch_size, self.poll)
+        # Never wait inside the read (the client fetches in the background): a partition with
+        # nothing yet is polled again after ``poll`` seconds, and never holds up the others.
+        raw = self.reader.read(self.batch_size, 0.0)
         read_at = time.time()
         HEALTH.source_polled(*self._key)
         if raw is None:
+            self._awake = datetime.now(UTC) + timedelta(seconds=self.poll)
             return []
+        self._awake = None
         dec = self.decoder.decode_columns(raw.keys, raw.values, raw.offsets)
         dead = [
             DeadLetter(raw.topic, raw.partition, int(raw.offsets[i]), raw.keys[i], raw.values[i], why, msg)
@@ -202,6 +208,10 @@ class _ChangePartition(StatefulSourcePartition[ChangeBatch, dict]):
                 moves=moves,
             )
         ]
+
+    def next_awake(self) -> datetime | None:
+        """After an empty read, poll again in ``poll`` seconds; else at once."""
+        return self._awake
 
     def _entities(self, ops: list[str], after: list[pa.Array]) -> list[str | None]:
         """The entity of each change's after image (None: a delete, or a null entity column)."""
@@ -318,8 +328,6 @@ class _EntityLogic(StatefulBatchLogic[Moves, TableUpdate, EntityTables]):
         return self._resync(), StatefulBatchLogic.RETAIN
 
     def notify_at(self) -> Any:
-        from datetime import UTC, datetime, timedelta
-
         wait = max(0.0, self.watch.next_check - time.monotonic())
         return datetime.now(UTC) + timedelta(seconds=wait)
 

@@ -237,10 +237,9 @@ class EntityTables:
         if not len(touched):
             return TableUpdate([], np.zeros((0, self.pos.shape[1]), np.int64), [], -1.0)
         ts = self.ts[touched]
-        enc = _ENCODER.encode
-        blobs = [
-            enc((t, v)) for t, v in zip(ts.tolist(), zip(*self._features(touched), strict=True), strict=True)
-        ]
+        # (ts, values) tuples encode as msgpack arrays, as pack's lists do; map: a C loop.
+        values = zip(*self._features(touched), strict=True)
+        blobs = list(map(_ENCODER.encode, zip(ts.tolist(), values, strict=True)))
         names = self.names
         return TableUpdate(take(names, touched), self.pos[touched], blobs, float(ts.max()))
 
@@ -273,11 +272,12 @@ class EntityTables:
                 if j not in sums:
                     sums[j] = self._sums(vals.astype(np.float64, copy=False), counts)
                 total = sums[j]
-                out.append(
-                    total
-                    if f.function == "sum"
-                    else [t / c if c else None for t, c in zip(total, counts.tolist(), strict=True)]
-                )
+                if f.function == "sum":
+                    out.append(total)
+                elif counts.all():
+                    out.append((np.asarray(total) / counts).tolist())
+                else:
+                    out.append([t / c if c else None for t, c in zip(total, counts.tolist(), strict=True)])
                 continue
             out.append(self._feature(f.function, j, vals, gv, counts))
         return out
@@ -333,4 +333,6 @@ class EntityTables:
         got = np.full(k, np.nan)
         if len(starts):
             got[has] = red.reduceat(f, starts)
+        if has.all():
+            return got.tolist()
         return [x if h else None for x, h in zip(got.tolist(), has.tolist(), strict=True)]

@@ -240,11 +240,26 @@ _MESSAGES = [
     (b'{"id": 7, "payload": {"id": 3}}', _env()),
     (key(7), _env(source={"ts_ms": 1000, "lsn": -4})),
     (key(7), _env(source=None, ts_ms=2000)),
+    # Fragments that would merge with their neighbours if values were joined into one document.
+    (key(7), b'{"op": "c", "after": '),
+    (key(7), b'{"op": "c"},{"op": "d"}'),
+    (key(7), b'"}'),
+    (key(7), b"]"),
+    (key(7), b"null"),
+    (key(7), b'"a string"'),
+    (key(7), b" \n" + _env() + b"\n "),  # whitespace around a valid envelope
+    (key(5), envelope("r", None, ROW, 500, lsn=40, wrapped=True)),  # wrapped value, bare key
+    (key(6, wrapped=True), envelope("c", None, {**ROW, "id": 6}, 600, lsn=41)),  # bare value, wrapped key
+    (key(7), envelope("u", None, NEW, 700, lsn=42)),  # an update without a before image
+    (key(7), envelope("d", {**dict.fromkeys(ROW), "id": 7}, None, 800, lsn=43)),  # default identity
+    (key(7), _env(after={**ROW, "status": None, "amount": None})),  # null columns
+    (key(7), _env(after={**ROW, "id": 2**63})),  # beyond int64
+    (key(7), _env(extra={"nested": [1, {"x": None}]}, transaction=None)),  # unknown fields
 ]
 
 
-@settings(max_examples=200, deadline=None)
-@given(picks=st.lists(st.integers(0, len(_MESSAGES) - 1), max_size=40))
+@settings(max_examples=300, deadline=None)
+@given(picks=st.lists(st.integers(0, len(_MESSAGES) - 1), max_size=60))
 def test_columns_agree_with_the_per_message_path(picks: list[int]) -> None:
     """Batches of any mix of good, odd and malformed messages: the columnar decode gives exactly
     the per-message decode's changes, failures and tombstones."""
@@ -262,3 +277,19 @@ def test_columns_agree_with_the_per_message_path(picks: list[int]) -> None:
         rows = [tuple(c[i].as_py() for c in cols) for i in range(len(images))]
         assert rows == [(None,) * len(FIELDS) if r is None else r for r in images]
     assert got.has_after.tolist() == [a is not None for a in want.after]
+
+
+def test_a_malformed_message_amid_a_large_batch_costs_only_itself() -> None:
+    """One bad message in the middle of a batch (of each kind): every neighbour is still decoded,
+    in the columnar and the per-message path, and the bad one is dead-lettered at its index."""
+    dec = ColumnDecoder(orders_source())
+    good = [(key(i), envelope("c", None, {**ROW, "id": i}, 1_000 + i, lsn=10 + i)) for i in range(200)]
+    for bad_key, bad_value, reason, _ in MALFORMED:
+        msgs = [*good[:100], (bad_key, bad_value), *good[100:]]
+        keys, values = [k for k, _ in msgs], [v for _, v in msgs]
+        offsets = np.arange(len(msgs))
+        for out in (dec.decode(keys, values, offsets), dec.decode_columns(keys, values, offsets)):
+            assert [(i, r) for i, r, _ in out.failures] == [(100, reason)], bad_value
+            assert out.index.tolist() == [*range(100), *range(101, 201)]
+            assert out.pk == [str(i) for i in range(200)]
+            assert out.position.tolist() == [10 + i for i in range(200)]

@@ -14,7 +14,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from engine.table_columns import column_of
-from engine.table_flow import _ARROW, ChangeBatch
+from engine.table_flow import _ARROW, ChangeBatch, _shards_of
 from engine.table_reads import point_in_time_table
 from engine.table_state import EntityTables, RowGuard, stored_columns, unpack
 from tests.cdc_helpers import EMPTY, FIELDS, oracle, orders_view
@@ -360,3 +360,12 @@ def test_entity_tables_resume_from_a_snapshot_of_rows_per_entity() -> None:
     table[1] = dict(zip(NAMES, _row(1, "b", 4.0, "x"), strict=True))
     want = oracle(table)
     assert state.values("a") == want["a"] and state.values("b") == want["b"]
+
+
+def test_entity_shards_are_stable_across_calls_and_shard_counts() -> None:
+    """The remembered shard of an entity is always its CRC-32 shard, for each shard count."""
+    rng = random.Random(3)
+    names = [f"cust_{rng.randrange(500)}" for _ in range(2_000)]
+    for shards in (32, 7, 32):
+        for part in (names[:700], names, names[300:]):
+            assert _shards_of(part, shards).tolist() == [_shard(n, shards) for n in part]
