@@ -126,10 +126,10 @@ def accepted(frame: pd.DataFrame, start: dict[int, int] | None = None) -> pd.Dat
     if start is not None:
         df = df[df["offset"].to_numpy() >= df["partition"].map(start).fillna(0).to_numpy()]
     keep = np.ones(len(df), dtype=bool)
+    times = df["ts"].to_numpy()
     for _, idx in df.groupby("partition", sort=False).indices.items():
         newest = -np.inf
-        for j in idx.tolist():
-            ts = df["ts"].iloc[j]
+        for j, ts in zip(idx.tolist(), times[idx].tolist(), strict=True):
             keep[j] = not ts < newest - LATENESS
             newest = max(newest, ts)
     return (
@@ -138,12 +138,20 @@ def accepted(frame: pd.DataFrame, start: dict[int, int] | None = None) -> pd.Dat
 
 
 def oracle(ev: pd.DataFrame, spec: tuple[str, str | None, int], t: int) -> Any:
-    fn, col, size = spec
-    ts = ev["ts"].to_numpy()
-    sub = ev[(ts <= t) & ((ts // TILE) * TILE > t - size)]
-    if col is None:
-        return len(sub)
-    vals = sub[col].dropna().to_numpy(dtype=np.float64)
+    col = spec[1]
+    values = None if col is None else ev[col].to_numpy(dtype=np.float64, na_value=np.nan)
+    return _oracle_arrays(ev["ts"].to_numpy(np.int64), values, spec, t)
+
+
+def _oracle_arrays(
+    ts: np.ndarray, values: np.ndarray | None, spec: tuple[str, str | None, int], t: int
+) -> Any:
+    """:func:`oracle` over one user's event times and ``spec``'s column values (NaN: null)."""
+    fn, _, size = spec
+    inside = (ts <= t) & ((ts // TILE) * TILE > t - size)
+    if values is None:
+        return int(inside.sum())
+    vals = values[inside & ~np.isnan(values)]
     match fn:
         case "count":
             return len(vals)
@@ -200,10 +208,23 @@ def mismatches(values: Values, events: pd.DataFrame, extra: bool, users: list[st
     """Every (where, feature, user) whose value differs from the oracle over ``events``."""
     by_user = {k: g.reset_index(drop=True) for k, g in events.groupby("user_id", sort=False)}
     empty = events.iloc[:0]
+    arrays: dict[tuple[str, str], np.ndarray] = {}  # (user, column) -> values, taken once
+
+    def array(user: str, column: str) -> np.ndarray:
+        if (user, column) not in arrays:
+            ev = by_user.get(user, empty)
+            arrays[user, column] = (
+                ev["ts"].to_numpy(np.int64)
+                if column == "ts"
+                else ev[column].to_numpy(dtype=np.float64, na_value=np.nan)
+            )
+        return arrays[user, column]
+
     bad = []
     for name, spec in specs(extra).items():
         for i, u in enumerate(users):
-            want = oracle(by_user.get(u, empty), spec, t)
+            column = None if spec[1] is None else array(u, spec[1])
+            want = _oracle_arrays(array(u, "ts"), column, spec, t)
             for where, got in (("online", values.online[name][i]), ("offline", values.offline[name][i])):
                 if not close(got, want):
                     bad.append(f"{where} {name} {u}: {got!r} != {want!r}")

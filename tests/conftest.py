@@ -7,6 +7,7 @@ nothing running and never touches other data. ``FEATURESTREAM_TEST_KAFKA`` /
 
 from __future__ import annotations
 
+import compileall
 import os
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -18,6 +19,16 @@ import redis
 from engine.dataflow import RuntimeConfig
 from featurestream.local.ephemeral import EphemeralServices
 from tests.support import create_topic, make_runtime, unique
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """Byte-compile the project once: the suite starts hundreds of worker and CLI subprocesses,
+    and with ``PYTHONDONTWRITEBYTECODE`` set each one would compile every project module again.
+    A module edited later is simply compiled from source again (its cache is out of date)."""
+    for package in ("featurestream", "engine", "connectors", "registry", "pipelines"):
+        compileall.compile_dir(ROOT / package, quiet=1)
 
 
 @dataclass(frozen=True)

@@ -139,13 +139,24 @@ def oracle_value(ev: pd.DataFrame, t: int, spec: Spec) -> tuple[Any, int | None]
 
     ``ev`` is sorted by (ts, partition, offset).
     """
-    sub = ev[window_mask(ev["ts"].to_numpy(), t, spec.kind, spec.size, spec.hop)]
-    if spec.column is None:
-        newest = int(sub["ts"].max()) if len(sub) else None
-        return len(sub), newest
-    sub = sub[sub[spec.column].notna()]
-    vals = sub[spec.column].to_numpy(dtype=np.float64)
-    newest = int(sub["ts"].max()) if len(sub) else None
+    values = None if spec.column is None else _floats(ev[spec.column])
+    return _oracle_arrays(ev["ts"].to_numpy(np.int64), values, t, spec)
+
+
+def _floats(column: pd.Series) -> np.ndarray:
+    """The column as float64, null (None or NaN) as NaN."""
+    return column.to_numpy(dtype=np.float64, na_value=np.nan)
+
+
+def _oracle_arrays(ts: np.ndarray, values: np.ndarray | None, t: int, spec: Spec) -> tuple[Any, int | None]:
+    """:func:`oracle_value` over one entity's event times and ``spec.column`` values (NaN: null)."""
+    inside = window_mask(ts, t, spec.kind, spec.size, spec.hop)
+    if values is None:
+        count = int(inside.sum())
+        return count, (int(ts[inside].max()) if count else None)
+    keep = inside & ~np.isnan(values)
+    vals = values[keep]
+    newest = int(ts[keep].max()) if len(vals) else None
     match spec.function:
         case "count":
             return len(vals), newest
@@ -182,12 +193,25 @@ def accepted_events(messages: list[Any], lateness_ms: int) -> tuple[pd.DataFrame
 
 
 class Oracle:
+    """:func:`oracle_value` per entity, with each entity's columns as numpy arrays taken once
+    (the tests ask it thousands of times)."""
+
     def __init__(self, events: pd.DataFrame, key: str = "user_id") -> None:
         self.by_entity = {k: g.reset_index(drop=True) for k, g in events.groupby(key, sort=False)}
         self.empty = events.iloc[:0]
+        self._arrays: dict[tuple[str, str], np.ndarray] = {}
+
+    def _array(self, entity: str, column: str) -> np.ndarray:
+        got = self._arrays.get((entity, column))
+        if got is None:
+            ev = self.by_entity.get(entity, self.empty)
+            got = ev["ts"].to_numpy(np.int64) if column == "ts" else _floats(ev[column])
+            self._arrays[(entity, column)] = got
+        return got
 
     def value(self, entity: str, t: int, spec: Spec) -> tuple[Any, int | None]:
-        return oracle_value(self.by_entity.get(entity, self.empty), t, spec)
+        values = None if spec.column is None else self._array(entity, spec.column)
+        return _oracle_arrays(self._array(entity, "ts"), values, t, spec)
 
 
 def same(actual: Any, expected: Any) -> bool:

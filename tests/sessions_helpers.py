@@ -54,10 +54,13 @@ def make_view(topic: str, extra: tuple[Aggregation, ...] = (), ttl: str | None =
 def oracle(ev: pd.DataFrame, t: int, gap: int, which: str) -> dict[str, Any]:
     """Feature values (by function) of one entity's events ``ev`` (columns ts, amount, partition,
     offset) as of ``t``; None is null."""
-    rows = ev[ev["ts"] <= t].sort_values(["ts", "partition", "offset"], kind="stable")
+    times = ev["ts"].to_numpy()
+    rows = np.flatnonzero(times <= t)  # by (ts, partition, offset); lexsort is stable, like pandas'
+    rows = rows[np.lexsort((ev["offset"].to_numpy()[rows], ev["partition"].to_numpy()[rows], times[rows]))]
+    amounts = ev["amount"].to_numpy(dtype=object)[rows].tolist()
     sessions: list[list[tuple[int, float | None]]] = []
     prev = None
-    for ts, amount in zip(rows["ts"].tolist(), rows["amount"].tolist(), strict=True):
+    for ts, amount in zip(times[rows].tolist(), amounts, strict=True):
         a = None if amount is None or (isinstance(amount, float) and math.isnan(amount)) else amount
         if prev is None or ts - prev >= gap:
             sessions.append([])

@@ -5,12 +5,17 @@ every partition. After a restart, a replay reads those partitions in its own ord
 store must order writes coming from different partitions of one entity. Every test checks Delta
 (each (partition, offset) exactly once, right content), a training set and the online values
 against a numpy oracle of every produced event: nothing lost, nothing counted twice.
+
+The scenarios spend most of their time waiting on worker processes, so they run two at a time
+(each with its own topic, Redis prefix and Delta root); each is still reported as its own test.
 """
 
 from __future__ import annotations
 
 import signal
 import time
+from collections.abc import Callable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -51,10 +56,7 @@ def _slice(events: Events, sel: slice) -> Events:
     return Events(events.entity[sel], events.ts[sel], events.amount[sel], events.partition[sel], events.names)
 
 
-@pytest.mark.parametrize("recovery", [True, False], ids=["kill-9-recovery-dir", "sigterm-no-recovery"])
-def test_entity_in_two_partitions_survives_a_restart(
-    services: Services, tmp_path: Path, recovery: bool
-) -> None:
+def _two_partitions(services: Services, tmp_path: Path, recovery: bool) -> None:
     """10 events of `u` in partition 1 are stored; the worker stops; 5 earlier ones arrive in
     partition 0; after the restart online, Delta and the training set all hold 15.
 
@@ -94,10 +96,7 @@ def test_entity_in_two_partitions_survives_a_restart(
     _assert_exact(chaos, events, produced)
 
 
-@pytest.mark.parametrize("recovery", [True, False], ids=["kill-9-recovery-dir", "sigterm-no-recovery"])
-def test_random_stops_while_events_arrive_lose_and_duplicate_nothing(
-    services: Services, tmp_path: Path, recovery: bool
-) -> None:
+def _random_stops(services: Services, tmp_path: Path, recovery: bool) -> None:
     """4 partitions, every entity in all of them, events out of order within the lateness; the
     worker is stopped at seeded random moments (at least 12 times, and until the producer is
     done) while events keep arriving: kill -9 resuming from 1 s snapshots, or SIGTERM rebuilding
@@ -112,10 +111,7 @@ def test_random_stops_while_events_arrive_lose_and_duplicate_nothing(
     _assert_exact(chaos, events, outcome.produced)
 
 
-@pytest.mark.parametrize("recovery", [True, False], ids=["kill-9-group-recovery-dir", "sigterm-no-recovery"])
-def test_two_processes_stopped_again_and_again_lose_and_duplicate_nothing(
-    services: Services, tmp_path: Path, recovery: bool
-) -> None:
+def _two_processes(services: Services, tmp_path: Path, recovery: bool) -> None:
     """The same with ``featurestream run -p 2``: every process of the group killed at once (resuming
     from the shared recovery dir), or the launcher asked to stop cleanly, at least 10 times."""
     chaos = Chaos(services.kafka, services.redis_url, tmp_path, 4, recovery, snapshot_seconds=1, processes=2)
@@ -125,3 +121,57 @@ def test_two_processes_stopped_again_and_again_lose_and_duplicate_nothing(
     )
     assert outcome.stops >= 10
     _assert_exact(chaos, events, outcome.produced)
+
+
+_SCENARIOS: dict[str, Callable[[Services, Path, bool], None]] = {
+    "test_entity_in_two_partitions_survives_a_restart": _two_partitions,
+    "test_random_stops_while_events_arrive_lose_and_duplicate_nothing": _random_stops,
+    "test_two_processes_stopped_again_and_again_lose_and_duplicate_nothing": _two_processes,
+}
+_RECOVERY = {
+    "kill-9-recovery-dir": True,
+    "kill-9-group-recovery-dir": True,
+    "sigterm-no-recovery": False,
+}
+
+
+@pytest.fixture(scope="module")
+def scenarios(
+    request: pytest.FixtureRequest, services: Services, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[dict[str, Future]]:
+    """The selected tests' scenarios, started in test order, two at a time; keyed by test id."""
+    here = [item for item in request.session.items if item.module is request.module]
+    with ThreadPoolExecutor(2, thread_name_prefix="chaos") as pool:
+        futures = {}
+        for item in here:
+            run = _SCENARIOS[item.originalname]
+            recovery = _RECOVERY[item.callspec.id]
+            futures[item.name] = pool.submit(run, services, tmp_path_factory.mktemp("chaos"), recovery)
+        yield futures
+        for future in futures.values():
+            future.cancel()
+
+
+def _await(scenarios: dict[str, Future], request: pytest.FixtureRequest) -> None:
+    scenarios[request.node.name].result(timeout=540)
+
+
+@pytest.mark.parametrize("recovery", ["kill-9-recovery-dir", "sigterm-no-recovery"])
+def test_entity_in_two_partitions_survives_a_restart(
+    scenarios: dict[str, Future], request: pytest.FixtureRequest, recovery: str
+) -> None:
+    _await(scenarios, request)
+
+
+@pytest.mark.parametrize("recovery", ["kill-9-recovery-dir", "sigterm-no-recovery"])
+def test_random_stops_while_events_arrive_lose_and_duplicate_nothing(
+    scenarios: dict[str, Future], request: pytest.FixtureRequest, recovery: str
+) -> None:
+    _await(scenarios, request)
+
+
+@pytest.mark.parametrize("recovery", ["kill-9-group-recovery-dir", "sigterm-no-recovery"])
+def test_two_processes_stopped_again_and_again_lose_and_duplicate_nothing(
+    scenarios: dict[str, Future], request: pytest.FixtureRequest, recovery: str
+) -> None:
+    _await(scenarios, request)

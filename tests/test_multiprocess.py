@@ -31,6 +31,7 @@ import redis
 from confluent_kafka import Producer
 
 from connectors.delta_store import DeltaOfflineStore
+from engine.dataflow import RuntimeConfig
 from engine.definitions import FeatureView
 from featurestream.client import FeatureStore
 from featurestream.runtime import load_views
@@ -61,7 +62,7 @@ class PacedPublisher(threading.Thread):
     """Publishes events 0, 1, ... in chunks, one chunk every ``pause`` seconds, until finished,
     while workers run, stop and die."""
 
-    def __init__(self, kafka: str, topic: str, chunk: int = 4_000, pause: float = 0.25) -> None:
+    def __init__(self, kafka: str, topic: str, chunk: int = 1_000, pause: float = 0.25) -> None:
         super().__init__(daemon=True)
         self.args = (kafka, topic, chunk, pause)
         self.published = 0
@@ -173,8 +174,10 @@ def _assert_exact(run: Run, n: int) -> None:
 def test_bounded_two_processes_store_every_event_every_time(
     services: Services, topic, tmp_path: Path
 ) -> None:
-    """Three bounded `-p 2` runs over 200k events: each exits 0 with every event in both stores."""
-    n = 200_000
+    """Three bounded `-p 2` runs over 100k events (more than one batch per partition): each exits 0
+    with every event in both stores."""
+    n = 100_000
+    assert n // PARTITIONS > RuntimeConfig.model_fields["batch_size"].default
     name = topic(partitions=PARTITIONS)
     _publish(services.kafka, name, 0, n)
     for attempt in range(3):

@@ -5,9 +5,10 @@ away mid-stream and brings it back, then checks that Redis and Delta hold exactl
 events. The Redis is a private one with a password in its URL, so every answer and log line can
 be checked for leaks.
 
-The three long outages (Redis and Delta 30 s, the broker 20 s) run at the same time, each with
-its own worker, topic and Redis (the broker one on its own broker), so that the module takes
-about as long as the longest one; each is still reported as its own test.
+The scenarios (the long outages: Redis and Delta 30 s, the broker 20 s; a stop during an outage;
+an error retrying cannot fix) run at the same time, each with its own worker, topic and Redis (the
+broker one on its own broker), so that the module takes about as long as the longest one; each is
+still reported as its own test.
 """
 
 from __future__ import annotations
@@ -189,46 +190,10 @@ def _broker_outage(services: Services, tmp_path: Path) -> None:
             worker.kill()
 
 
-_SCENARIOS: dict[str, Callable[[Services, Path], None]] = {
-    "redis": _redis_outage,
-    "delta": _delta_outage,
-    "broker": _broker_outage,
-    "redis_empty": lambda services, tmp_path: _redis_outage(services, tmp_path, empty=True),
-}
-
-
-@pytest.fixture(scope="module")
-def outages(services: Services, tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Future]]:
-    """The three long outage scenarios, started together in threads; each test awaits its own."""
-    with ThreadPoolExecutor(len(_SCENARIOS), thread_name_prefix="outage") as pool:
-        yield {
-            name: pool.submit(run, services, tmp_path_factory.mktemp(f"{name}_outage"))
-            for name, run in _SCENARIOS.items()
-        }
-
-
-def test_redis_outage_is_survived_and_stores_end_exact(outages: dict[str, Future]) -> None:
-    outages["redis"].result(timeout=300)
-
-
-def test_redis_back_empty_after_an_outage_is_rebuilt_and_stores_end_exact(
-    outages: dict[str, Future],
-) -> None:
-    outages["redis_empty"].result(timeout=300)
-
-
-def test_delta_outage_is_survived_and_delta_ends_exact(outages: dict[str, Future]) -> None:
-    outages["delta"].result(timeout=300)
-
-
-def test_broker_outage_is_survived_and_stores_end_exact(outages: dict[str, Future]) -> None:
-    outages["broker"].result(timeout=300)
-
-
-def test_stop_during_redis_outage_exits_after_the_grace_and_resumes(
-    services: Services, topic, tmp_path: Path
-) -> None:
-    name = topic(partitions=2)
+def _stop_during_redis_outage(services: Services, tmp_path: Path) -> None:
+    """A stop asked while Redis is down exits after the grace, naming the store; a resumed bounded
+    run ends exact."""
+    name = create_topic(services.kafka, unique("events"), 2)
     pipeline, view = _setup(tmp_path, name)
     redis_server = PrivateRedis(tmp_path / "redis").start()
     prefix = unique("out")
@@ -283,11 +248,9 @@ def test_stop_during_redis_outage_exits_after_the_grace_and_resumes(
         redis_server.stop()
 
 
-def test_an_error_retrying_cannot_fix_stops_the_worker_with_its_cause(
-    services: Services, topic, tmp_path: Path
-) -> None:
+def _unfixable_error(services: Services, tmp_path: Path) -> None:
     """A Delta table of another schema where the view's table belongs: not an outage, a mismatch."""
-    name = topic(partitions=1)
+    name = create_topic(services.kafka, unique("events"), 1)
     pipeline, view = _setup(tmp_path, name)
     uri = tmp_path / "delta" / f"{view.name}__{view.version}"
     write_deltalake(str(uri), pa.table({"entity": ["x"], "unrelated": [1]}))
@@ -305,3 +268,60 @@ def test_an_error_retrying_cannot_fix_stops_the_worker_with_its_cause(
     _no_secret(out)
     assert f"delta store of view pay (version {view.version}): write failed and retrying cannot fix it" in out
     assert "worker exiting on an error: StoreError: delta store of view pay" in out, out[-3000:]
+
+
+_SCENARIOS: dict[str, Callable[[Services, Path], None]] = {
+    "redis": _redis_outage,
+    "delta": _delta_outage,
+    "broker": _broker_outage,
+    "redis_empty": lambda services, tmp_path: _redis_outage(services, tmp_path, empty=True),
+    "stop_during_redis": _stop_during_redis_outage,
+    "unfixable": _unfixable_error,
+}
+_SCENARIO_OF = {  # test -> its scenario
+    "test_redis_outage_is_survived_and_stores_end_exact": "redis",
+    "test_redis_back_empty_after_an_outage_is_rebuilt_and_stores_end_exact": "redis_empty",
+    "test_delta_outage_is_survived_and_delta_ends_exact": "delta",
+    "test_broker_outage_is_survived_and_stores_end_exact": "broker",
+    "test_stop_during_redis_outage_exits_after_the_grace_and_resumes": "stop_during_redis",
+    "test_an_error_retrying_cannot_fix_stops_the_worker_with_its_cause": "unfixable",
+}
+
+
+@pytest.fixture(scope="module")
+def outages(
+    request: pytest.FixtureRequest, services: Services, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[dict[str, Future]]:
+    """The selected tests' scenarios, started together in threads; each test awaits its own."""
+    wanted = [_SCENARIO_OF[item.name] for item in request.session.items if item.module is request.module]
+    with ThreadPoolExecutor(max(1, len(wanted)), thread_name_prefix="outage") as pool:
+        yield {
+            name: pool.submit(_SCENARIOS[name], services, tmp_path_factory.mktemp(f"{name}_outage"))
+            for name in wanted
+        }
+
+
+def test_redis_outage_is_survived_and_stores_end_exact(outages: dict[str, Future]) -> None:
+    outages["redis"].result(timeout=300)
+
+
+def test_redis_back_empty_after_an_outage_is_rebuilt_and_stores_end_exact(
+    outages: dict[str, Future],
+) -> None:
+    outages["redis_empty"].result(timeout=300)
+
+
+def test_delta_outage_is_survived_and_delta_ends_exact(outages: dict[str, Future]) -> None:
+    outages["delta"].result(timeout=300)
+
+
+def test_broker_outage_is_survived_and_stores_end_exact(outages: dict[str, Future]) -> None:
+    outages["broker"].result(timeout=300)
+
+
+def test_stop_during_redis_outage_exits_after_the_grace_and_resumes(outages: dict[str, Future]) -> None:
+    outages["stop_during_redis"].result(timeout=300)
+
+
+def test_an_error_retrying_cannot_fix_stops_the_worker_with_its_cause(outages: dict[str, Future]) -> None:
+    outages["unfixable"].result(timeout=300)
