@@ -22,22 +22,24 @@ from engine.reads import online_values
 from engine.table_definitions import TableView
 from engine.table_reads import online_table_values
 from featurestream.server.reads import Plan, ViewReader
-from featurestream.training import (
-    TRAINING_SET_ID,
-    absolute,
-    read_snapshot,
-    record,
-    recorded_uri,
-    training_table,
-    with_id,
-)
 
 if TYPE_CHECKING:
     from featurestream.config import Settings
     from registry.core import Registry
     from registry.versions import ViewVersion
 
-__all__ = ["TRAINING_SET_ID", "FeatureStore", "OnlineFeatures", "connect", "training_set_id"]
+__all__ = ["FeatureStore", "OnlineFeatures", "connect", "training_set_id"]  # TRAINING_SET_ID: lazily
+
+
+def __getattr__(name: str) -> Any:
+    # Training sets compile kernels (numba): imported on first use, so online reads and the CLI
+    # start without them.
+    if name == "TRAINING_SET_ID":
+        from featurestream.training import TRAINING_SET_ID
+
+        return TRAINING_SET_ID
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
 
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 
@@ -231,6 +233,8 @@ class FeatureStore:
         metadata ``featurestream.training_set_id`` names the record, and
         :meth:`reproduce_training_set` rebuilds the identical table from it.
         """
+        from featurestream.training import absolute, record, training_table
+
         table = (
             entity_df
             if isinstance(entity_df, pa.Table)
@@ -281,6 +285,7 @@ class FeatureStore:
         (the Parquet snapshot, checked against its sha256), the same view definitions (from the
         registry, not this store's views) and the same Delta table versions, read from the
         recorded table URIs, whatever was appended since."""
+        from featurestream.training import read_snapshot, recorded_uri, training_table, with_id
         from registry.lineage import get_training_set_record, view_versions_by_id
 
         rec = get_training_set_record(registry, training_set_id)
@@ -298,6 +303,8 @@ class FeatureStore:
 def training_set_id(table: pa.Table) -> int | None:
     """The id under which ``get_training_set(..., registry=...)`` recorded ``table`` (for
     ``register_model``, ``reproduce_training_set`` and ``featurestream baseline``); None if unrecorded."""
+    from featurestream.training import TRAINING_SET_ID
+
     raw = (table.schema.metadata or {}).get(TRAINING_SET_ID)
     return None if raw is None else int(raw)
 

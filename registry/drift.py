@@ -25,7 +25,6 @@ from sqlalchemy import delete, insert, select
 
 from engine.definitions import FeatureView, duration_ms
 from engine.metrics import DRIFT_KS, DRIFT_PSI
-from engine.training import training_values
 from registry.core import Registry, RegistryError, now
 from registry.drift_stats import EPS, PROBS, drift_status, feature_stats, ks, psi  # noqa: F401 (re-exported)
 from registry.schema import drift_baselines, drift_measurements, view_versions
@@ -181,6 +180,8 @@ def measure_drift(
         return []
     at = np.repeat(np.array([e - 1 for _, e, _ in buckets], dtype=np.int64), [k for _, _, k in buckets])
     # The training sets' own function, so a baseline period measured live equals its training set.
+    from engine.training import training_values  # compiled kernels: imported when drift is measured
+
     values = training_values(view, events, np.concatenate(ids).tolist(), at, aggs)
     out: list[DriftMeasurement] = []
     offset = 0

@@ -20,7 +20,20 @@ answers), :mod:`.auth` (API keys and the access audit), :mod:`.push` (events to 
 :mod:`.metrics`, :mod:`.models`, :mod:`.openapi`, :mod:`.errors`, :mod:`.config`.
 """
 
-from featurestream.server.app import FeatureServer, create_app
-from featurestream.server.config import ServerConfig, ServerDeps
+from typing import Any
 
 __all__ = ["FeatureServer", "ServerConfig", "ServerDeps", "create_app"]
+
+
+def __getattr__(name: str) -> Any:
+    """The server's classes, imported on first use: the client and the CLI import
+    ``featurestream.server.reads`` without paying for the HTTP stack and the registry."""
+    if name in ("FeatureServer", "create_app"):
+        from featurestream.server import app
+
+        return getattr(app, name)
+    if name in ("ServerConfig", "ServerDeps"):
+        from featurestream.server import config
+
+        return getattr(config, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
