@@ -190,24 +190,26 @@ def ensure_topic(
 
 
 def _bounds(consumer: Consumer, topic: str, partition: int, need: int) -> tuple[int, int]:
-    """(log start, end) of a partition, the end exact whenever it is below ``need``.
+    """(log start, end) of a partition, the end exact whenever it is at or below ``need``.
 
     ListOffsets never overstates the end, but some brokers (Tansu) understate it (the last
-    batch's base offset + 1). So an end below ``need`` is checked by fetching at ``need - 1``: a
-    record there proves the log reaches ``need``; an empty fetch reports the exact end.
+    batch's base offset + 1). So an end at or below ``need`` is checked by fetching at
+    ``need - 1``: the fetch response's high watermark is the exact end (a record there also
+    proves the log reaches ``need``); an empty fetch reports the exact end.
     Leaves the consumer unassigned.
     """
     tp = _TP(topic, partition)
     low, high = consumer.get_watermark_offsets(tp, timeout=10)
-    if need <= high or need <= low:
+    if need < high or need <= low:  # at ``high`` itself the log may go on (an understated end)
         return low, high
     consumer.assign([_TP(topic, partition, need - 1)])
     deadline = time.monotonic() + _PROBE_TIMEOUT_S
     try:
         while time.monotonic() < deadline:
             for m in consumer.consume(1, 0.1):
-                if m.error() is None:
-                    return low, max(high, m.offset() + 1)
+                if m.error() is None:  # the fetch response's high watermark is the exact end
+                    _, fetched = consumer.get_watermark_offsets(tp, cached=True)
+                    return low, max(high, m.offset() + 1, fetched)
                 if m.error().code() in (KafkaError._AUTO_OFFSET_RESET, KafkaError.OFFSET_OUT_OF_RANGE):
                     return low, high  # this broker's ListOffsets was exact
             _, fetched = consumer.get_watermark_offsets(tp, cached=True)
@@ -221,7 +223,7 @@ def _bounds(consumer: Consumer, topic: str, partition: int, need: int) -> tuple[
 def partition_end(
     bootstrap: str, topic: str, partition: int, need: int, config: Mapping[str, Any] | None = None
 ) -> tuple[int, int]:
-    """(log start, end) of a partition, the end exact whenever it is below ``need``."""
+    """(log start, end) of a partition, the end exact whenever it is at or below ``need``."""
     consumer = _client(Consumer, _reader_config(bootstrap, topic, config))
     try:
         return _bounds(consumer, topic, partition, need)
