@@ -9,6 +9,7 @@
 ./run bench cdc                  # table view: Debezium changes/s to Redis + Delta (benchmarks/cdc.py)
 ./run bench training             # point-in-time training set rows/s (benchmarks/training.py)
 ./run bench long-windows         # online reads of 90-day windows (benchmarks/long_windows.py)
+./run bench state                # tile state alone: CPU per batch, bytes per tile (state_memory.py)
 
 The throughput case produces the events first, then runs ``featurestream run --bounded -p N -w W``
 as its own process tree for each N, on an empty Redis and Delta: the throughput is the events over
@@ -140,6 +141,10 @@ def main() -> None:
         from benchmarks.long_windows import main as long_windows
 
         sys.exit(long_windows(sys.argv[2:]))
+    if sys.argv[1:2] == ["state"]:
+        from benchmarks.state_memory import main as state
+
+        sys.exit(state(sys.argv[2:]))
     if sys.argv[1:2] == ["serve"]:
         from benchmarks.serve import main as serve
 

@@ -3,6 +3,9 @@
 Python touches each batch once per distinct (entity, tile), never per event: partials come from
 numpy in :func:`engine.tiles.partials_from_events` and merge into contiguous arrays.
 
+Each live tile is a float64 row plus 12 bytes of index (engine.tile_index: sorted numpy keys,
+looked up a batch at a time); no Python object per tile, so snapshots copy flat arrays.
+
 The online store keeps, per entity, an append-only log of tile rows (the newest version of a
 tile wins). The state knows how long each entity's log is, and asks for a full rewrite (only the
 live tiles) once the log outgrows twice the live tiles, which bounds the log and drops evicted
@@ -16,17 +19,27 @@ position in it is at or below what it holds (a replay of data it already has).
 
 from __future__ import annotations
 
+import functools
 import time
 from dataclasses import dataclass, replace
+from itertools import repeat
 
 import numpy as np
 
 from engine.object_tiles import apply_events, encode_record
+from engine.tile_index import TileIndex
 from engine.tiles import TILE, TileLayout, merge, partials_from_events
 
 __all__ = ["TileState", "TileUpdate"]
 
 _LOG_SLACK = 16
+
+
+@functools.lru_cache(maxsize=64)
+def _identity(layout: TileLayout) -> np.ndarray:
+    row = layout.empty(1)
+    row.flags.writeable = False
+    return row
 
 
 @dataclass(frozen=True)
@@ -77,10 +90,8 @@ class TileState:
         self.online_epoch: str | None = None
         self.live = np.zeros(64, dtype=np.int64)
         self.logged = np.zeros(64, dtype=np.int64)
-        self.rows_of: list[list[int]] = []
-        self.index: dict[int, int] = {}
-        self.rows = layout.empty(1024)
-        self.row_entity = np.zeros(1024, dtype=np.int64)
+        self.tile_index = TileIndex()  # (entity << 32 | tile) -> row of every live tile
+        self.rows = layout.empty(1024)  # rows[:n] are live; a row past n is set when a tile takes it
         self.n = 0
         self.max_ts = -np.inf
         self.min_tile = np.inf
@@ -111,7 +122,7 @@ class TileState:
             self.pos = np.concatenate((self.pos, grow), axis=1)
         tile_no = ts // self.layout.tile_ms
         ukeys, part = partials_from_events(self.layout, (ent << 32) | tile_no, tile_no, ts, columns)
-        rows = np.asarray(self._rows_for(ukeys.tolist()), dtype=np.int64)
+        rows = self._rows_for(ukeys)
         self.rows[rows] = merge(self.layout, self.rows[rows], part)
         self.ops[: len(self.entities)] += np.bincount(ent, minlength=len(self.entities))
         column = self.pos[:, partition]
@@ -139,13 +150,11 @@ class TileState:
         keep = np.repeat(~rewrite, counts)
         parts = [changed[keep]]
         starts = [cut[~rewrite] - np.concatenate(([0], np.cumsum(~keep)))[cut[~rewrite]]]
-        offset = int(keep.sum())
-        for e in touched[rewrite].tolist():
-            mine = self.rows[self.rows_of[e]]
-            parts.append(mine)
-            starts.append(np.array([offset]))
-            offset += len(mine)
-            self.logged[e] = len(mine)
+        again = touched[rewrite]
+        mine, counts = self.tile_index.rows_of(again)
+        parts.append(self.rows[mine])
+        starts.append(int(keep.sum()) + np.concatenate(([0], np.cumsum(counts)[:-1])))
+        self.logged[again] = counts
         order = np.concatenate((touched[~rewrite], touched[rewrite]))
         flags = np.concatenate((np.zeros((~rewrite).sum(), bool), np.ones(rewrite.sum(), bool)))
         return self._with_objects(
@@ -205,20 +214,27 @@ class TileState:
         written[ents] = now
         return stale
 
-    def _live_records(self, e: int) -> bytes:
+    def _live_records(self, ents: np.ndarray) -> list[bytes]:
+        """Each entity's object-tile records for all its live tiles, in its rows' order."""
         specs, store = self.layout.objects, self.objects
-        tiles = self.rows[self.rows_of[e], TILE].astype(np.int64).tolist()
-        return b"".join(
-            encode_record(specs, t, store[(e << 32) | t]) for t in tiles if (e << 32) | t in store
-        )
+        rows, counts = self.tile_index.rows_of(ents)
+        tiles = self.rows[rows, TILE].astype(np.int64).tolist()
+        out, at = [], 0
+        for e, c in zip(ents.tolist(), counts.tolist(), strict=True):
+            mine = [(t, (e << 32) | t) for t in tiles[at : at + c]]
+            out.append(b"".join(encode_record(specs, t, store[k]) for t, k in mine if k in store))
+            at += c
+        return out
 
     def _with_objects(self, update: TileUpdate, records: dict[int, list[bytes]] | None) -> TileUpdate:
         if records is None:
             return update
-        blobs = []
-        for name, rewrite in zip(update.entities, update.rewrite.tolist(), strict=True):
-            e = self.entity_index[name]
-            blobs.append(self._live_records(e) if rewrite else b"".join(records.get(e, [])))
+        ents = np.asarray([self.entity_index[name] for name in update.entities], dtype=np.int64)
+        again = iter(self._live_records(ents[update.rewrite]))
+        blobs = [
+            next(again) if rewrite else b"".join(records.get(e, []))
+            for e, rewrite in zip(ents.tolist(), update.rewrite.tolist(), strict=True)
+        ]
         return replace(update, objects=blobs)
 
     def _update(
@@ -237,28 +253,21 @@ class TileState:
     def resync(self) -> TileUpdate:
         """Every entity's live tiles as a forced rewrite: rebuilds a store that lost its data."""
         ents = np.arange(len(self.entities), dtype=np.int64)
-        parts = [self.rows[self.rows_of[e]] for e in ents.tolist()]
-        counts = np.fromiter((len(p) for p in parts), np.int64, len(parts))
-        self.logged[: len(ents)] = counts
-        rows = np.concatenate(parts) if parts else self.layout.empty(0)
-        starts = np.concatenate(([0], np.cumsum(counts)[:-1])) if len(parts) else np.zeros(0, np.int64)
-        update = self._update(ents, rows, starts.astype(np.int64), np.ones(len(ents), dtype=bool))
-        if self.layout.objects:
-            update = replace(update, objects=[self._live_records(e) for e in ents.tolist()])
-        return replace(update, force=True)
+        return replace(self._replacing(ents), force=True)
 
     def rewrite(self, names: list[str]) -> TileUpdate:
         """The live tiles of the named entities (those this state holds) as replacing writes:
         rebuilds entities whose keys expired in the store."""
         ents = np.asarray([self.entity_index[n] for n in names if n in self.entity_index], np.int64)
-        parts = [self.rows[self.rows_of[e]] for e in ents.tolist()]
-        counts = np.fromiter((len(p) for p in parts), np.int64, len(parts))
+        return self._replacing(ents)
+
+    def _replacing(self, ents: np.ndarray) -> TileUpdate:
+        rows, counts = self.tile_index.rows_of(ents)
         self.logged[ents] = counts
-        rows = np.concatenate(parts) if parts else self.layout.empty(0)
-        starts = np.concatenate(([0], np.cumsum(counts)[:-1])) if len(parts) else np.zeros(0, np.int64)
-        update = self._update(ents, rows, starts.astype(np.int64), np.ones(len(ents), dtype=bool))
+        starts = np.concatenate(([0], np.cumsum(counts)[:-1])).astype(np.int64)
+        update = self._update(ents, self.rows[rows], starts[: len(ents)], np.ones(len(ents), dtype=bool))
         if self.layout.objects:
-            update = replace(update, objects=[self._live_records(e) for e in ents.tolist()])
+            update = replace(update, objects=self._live_records(ents))
         return update
 
     def tiles_of(self, entity: str) -> np.ndarray:
@@ -266,18 +275,25 @@ class TileState:
         e = self.entity_index.get(entity)
         if e is None:
             return self.layout.empty(0)
-        return self.rows[self.rows_of[e]].copy()
+        return self.rows[self.tile_index.rows_of(np.array([e], dtype=np.int64))[0]]
+
+    @property
+    def index(self) -> dict[int, int]:
+        """``entity << 32 | tile`` -> row of every live tile (built on demand, for inspection)."""
+        return self.tile_index.items()
 
     def _entity_ids(self, keys: list[str]) -> np.ndarray:
         idx = self.entity_index
-        out = np.empty(len(keys), dtype=np.int64)
-        for i, k in enumerate(keys):
-            e = idx.get(k)
-            if e is None:
-                e = idx[k] = len(self.entities)
-                self.entities.append(k)
-                self.rows_of.append([])
-            out[i] = e
+        found = list(map(idx.get, keys, repeat(-1)))  # no bytecode per key when all are known
+        if -1 in found:
+            for i, k in enumerate(keys):
+                if found[i] < 0:
+                    e = idx.get(k)
+                    if e is None:
+                        e = idx[k] = len(self.entities)
+                        self.entities.append(k)
+                    found[i] = e
+        out = np.array(found, dtype=np.int64)
         if len(self.entities) > len(self.ops):
             grow = len(self.entities) * 2 - len(self.ops)
             self.ops = np.concatenate((self.ops, np.zeros(grow, dtype=np.int64)))
@@ -287,50 +303,57 @@ class TileState:
             self.pos = np.concatenate((self.pos, more))
         return out
 
-    def _rows_for(self, keys: list[int]) -> list[int]:
-        index = self.index
-        rows = [index.get(k, -1) for k in keys]
-        missing = [i for i, r in enumerate(rows) if r < 0]
-        if missing:
-            need = self.n + len(missing)
-            if need > len(self.rows):
-                cap = max(need, 2 * len(self.rows))
-                grown = self.layout.empty(cap)
-                grown[: self.n] = self.rows[: self.n]
-                self.rows = grown
-                ent = np.zeros(cap, dtype=np.int64)
-                ent[: self.n] = self.row_entity[: self.n]
-                self.row_entity = ent
-            for i in missing:
-                r = self.n
-                self.n += 1
-                index[keys[i]] = r
-                rows[i] = r
-                e = keys[i] >> 32
-                self.row_entity[r] = e
-                self.rows_of[e].append(r)
-                self.live[e] += 1
+    def _rows_for(self, keys: np.ndarray) -> np.ndarray:
+        """Rows of the sorted distinct ``keys``; new keys get new identity rows, in key order."""
+        rows = self.tile_index.find(keys)
+        new = (rows < 0).nonzero()[0]
+        m = len(new)
+        if m == 0:
+            return rows
+        n = self.n
+        if n + m > len(self.rows):
+            # np.empty: the capacity beyond the live rows stays untouched (not resident) until used
+            grown = np.empty((max(n + m, 2 * len(self.rows)), self.layout.width), dtype=np.float64)
+            grown[:n] = self.rows[:n]
+            self.rows = grown
+        self.rows[n : n + m] = _identity(self.layout)
+        fresh = np.arange(n, n + m, dtype=np.int64)
+        rows[new] = fresh
+        self.n = n + m
+        self.tile_index.add(keys[new], fresh)
+        np.add.at(self.live, keys[new] >> 32, 1)
         return rows
 
     def _evict(self) -> None:
         horizon = (self.max_ts - self.retention_ms) // self.layout.tile_ms
         if self.min_tile >= horizon - self.slack_tiles:
             return
-        live = self.rows[: self.n]
-        keep = live[:, TILE] >= horizon
+        n = self.n
+        keep = self.rows[:n, TILE] >= horizon
         kept = int(keep.sum())
-        self.rows[:kept] = live[keep]
-        self.rows[kept : self.n] = self.layout.empty(self.n - kept)
-        self.row_entity[:kept] = self.row_entity[: self.n][keep]
+        self.rows[:kept] = self.rows[:n][keep]
         self.n = kept
-        tiles = self.rows[:kept, TILE].astype(np.int64)
-        ents = self.row_entity[:kept]
-        self.index = dict(zip(((ents << 32) | tiles).tolist(), range(kept), strict=True))
+        self.tile_index.keep(keep)
         self.live[:] = 0
-        self.live[: len(self.entities)] = np.bincount(ents, minlength=len(self.entities))
-        self.rows_of = [[] for _ in self.entities]
-        for r, e in enumerate(ents.tolist()):
-            self.rows_of[e].append(r)
+        self.live[: len(self.entities)] = np.bincount(
+            self.tile_index.entities(), minlength=len(self.entities)
+        )
         if getattr(self, "objects", None):
-            self.objects = {k: v for k, v in self.objects.items() if k in self.index}
-        self.min_tile = float(tiles.min()) if kept else np.inf
+            live = self.tile_index.contains(np.fromiter(self.objects, np.int64, len(self.objects))).tolist()
+            self.objects = {k: v for (k, v), ok in zip(self.objects.items(), live, strict=True) if ok}
+        self.min_tile = float(self.rows[:kept, TILE].min()) if kept else np.inf
+
+    def __getstate__(self) -> dict:
+        state = self.__dict__.copy()
+        state["rows"] = self.rows[: self.n]  # the live rows only: capacity is not state
+        return state
+
+    def __setstate__(self, state: dict) -> None:
+        state = dict(state)
+        index = state.pop("index", None)
+        if index is not None:  # saved with a dict index and per-entity row lists: convert
+            del state["rows_of"], state["row_entity"]
+            keys = np.fromiter(index.keys(), dtype=np.int64, count=len(index))
+            rows = np.fromiter(index.values(), dtype=np.int64, count=len(index))
+            state["tile_index"] = TileIndex.of(keys, rows)
+        self.__dict__.update(state)
