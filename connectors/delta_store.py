@@ -23,7 +23,7 @@ import pyarrow.compute as pc
 from deltalake import CommitProperties, DeltaTable, Transaction, write_deltalake
 from deltalake.exceptions import TableNotFoundError
 
-from engine.errors import StoreError
+from engine.errors import ServiceUnavailable, StoreError
 
 __all__ = ["DeltaOfflineStore", "StoredPosition", "event_schema", "partition_app"]
 
@@ -64,13 +64,16 @@ class DeltaOfflineStore:
     def __init__(self, root: str, storage_options: dict[str, str] | None = None) -> None:
         self.root = root.rstrip("/")
         self.storage_options = storage_options or None
+        self._seen: set[str] = set()  # tables this store found or wrote: they cannot vanish
 
     def table_uri(self, view: str, version: str) -> str:
         return f"{self.root}/{view}__{version}"
 
     def _open(self, uri: str, version: int | None = None) -> DeltaTable | None:
         try:
-            return DeltaTable(uri, version=version, storage_options=self.storage_options)
+            table = DeltaTable(uri, version=version, storage_options=self.storage_options)
+            self._seen.add(uri)
+            return table
         except TableNotFoundError:
             if version is not None:
                 raise StoreError(
@@ -114,6 +117,9 @@ class DeltaOfflineStore:
         """
         if rows.num_rows == 0:
             return 0
+        seen = uri in self._seen
+        if seen and not self._readable(uri):
+            raise self._missing(uri)
         topics = rows.column("_topic").to_numpy(zero_copy_only=False)
         parts = rows.column("_partition").to_numpy()
         offsets = rows.column("_offset").to_numpy()
@@ -150,8 +156,24 @@ class DeltaOfflineStore:
                 commit_properties=CommitProperties(app_transactions=txns, max_commit_retries=50),
             )
         except Exception as exc:
+            if seen and not self._readable(uri):  # its log went away while this commit ran
+                raise self._missing(uri) from exc
             raise StoreError(f"offline append to {uri} failed: {exc}") from exc
+        self._seen.add(uri)
         return rows.num_rows
+
+    def _readable(self, uri: str) -> bool:
+        try:
+            return self._open(uri) is not None
+        except Exception:
+            return False
+
+    @staticmethod
+    def _missing(uri: str) -> ServiceUnavailable:
+        """A table that existed cannot be read (its log is gone or unreadable): an outage of its
+        storage, retried until it is back, never a new table whose history would start over
+        (and whose offsets could not filter a replay)."""
+        return ServiceUnavailable(f"Delta table {uri} existed but its log cannot be read now")
 
     def read(
         self,

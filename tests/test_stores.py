@@ -201,3 +201,33 @@ def test_read_from_a_redis_that_is_not_there_says_how_to_start_one() -> None:
     text = str(err.value)
     assert "featurestream services up" in text and "featurestream doctor" in text
     assert "secret" not in text
+
+
+@pytest.mark.parametrize("gone", ["moved", "file"])
+def test_delta_table_whose_log_vanishes_is_an_outage_not_a_new_table(tmp_path: Path, gone: str) -> None:
+    """A table this store (or a fresh one, as a restarted worker) has seen, whose log is gone or
+    is not a directory, is retried as an outage: never re-created from version 0, which would
+    drop its history and the offsets that filter a replay."""
+    from engine.errors import ServiceUnavailable
+    from engine.writer import is_transient
+
+    first = DeltaOfflineStore(str(tmp_path))
+    uri = first.table_uri("spend", "v1")
+    assert first.append(uri, _rows("t", 0, [0, 1, 2]), "spend:v1") == 3
+    restarted = DeltaOfflineStore(str(tmp_path))
+    assert restarted.stored_position(uri, "spend:v1", "t", 0, None).offset == 2  # it sees the table
+    log = Path(uri) / "_delta_log"
+    away = log.with_name("_delta_log.away")
+    log.rename(away)
+    if gone == "file":
+        log.write_text("not a directory")
+    for store in (first, restarted):
+        with pytest.raises(ServiceUnavailable) as info:
+            store.append(uri, _rows("t", 0, [2, 3]), "spend:v1")
+        assert is_transient(info.value)
+    assert not log.is_dir()  # no new table was started
+    if gone == "file":
+        log.unlink()
+    away.rename(log)
+    assert restarted.append(uri, _rows("t", 0, [1, 2, 3, 4]), "spend:v1") == 2  # 3 and 4 only
+    assert sorted(first.read(uri).column("_offset").to_pylist()) == [0, 1, 2, 3, 4]
