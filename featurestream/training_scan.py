@@ -37,20 +37,7 @@ def scan(
 ) -> Iterator[tuple[pa.Table, np.ndarray]]:
     """The events of ``entities`` with times in ``[start, end]``, about :data:`COALESCE` at a time,
     with each event's position in ``entities`` (nothing if the table does not exist)."""
-    table = offline._open(uri, version)
-    if table is None:
-        return
-    ts = pa.timestamp("ms", "UTC")
-    expr = pc.scalar(True)
-    if start is not None:
-        expr &= pc.field("date") >= pa.scalar(start.date(), pa.date32())
-        expr &= pc.field("event_ts") >= pa.scalar(start, ts)
-    if end is not None:
-        expr &= pc.field("date") <= pa.scalar(end.date(), pa.date32())
-        expr &= pc.field("event_ts") <= pa.scalar(end, ts)
-    batches = table.to_pyarrow_dataset().to_batches(
-        columns=columns, filter=expr, batch_readahead=4, fragment_readahead=2
-    )  # a few batches in flight, not the defaults' dozens: memory stays bounded
+    batches = offline.batches(uri, columns, start, end, version)
     pending: list[pa.RecordBatch] = []
     size = 0
     for batch in batches:
